@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv test lint typecheck unit quickstart crd check-crd bench-data clean
+.PHONY: venv test lint typecheck unit quickstart crd check-crd bench-data cluster-bins clean
 
 venv: $(VENV)/.installed
 
@@ -26,7 +26,12 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-test: venv lint typecheck
+# The test control plane's binaries (kube-apiserver, etcd, kwok, helm, ...), built once per
+# machine from their Go modules into ~/.cache/kubetune/bin (about 10 minutes cold).
+cluster-bins:
+	bash tests/cluster/go/build.sh
+
+test: venv lint typecheck cluster-bins
 	$(PY) -m pytest -q
 
 quickstart: venv
