@@ -1,7 +1,7 @@
 """Chat templates kubetune ships for model families whose tokenizer may lack one (base models,
 GGUF conversions, old checkpoints).
 
-Each renders text identical to the family's official template (tests/data/test_templates.py
+Each renders text identical to the family's official template (tests/trainer/data/test_templates.py
 checks this against the official strings kept in tests/fixtures/official_templates/), and
 names the markers that end an assistant turn, which the official Jinja does not say.
 Tool results (role `tool`) map to each family's own role for them.
@@ -75,13 +75,15 @@ LLAMA3 = BuiltinTemplate(
     variables={"bos_token": "<|begin_of_text|>"},
 )
 
-# GLM-4 ends an assistant turn where the next <|user|> or <|observation|> begins.
+# GLM-4 ends an assistant turn where the next <|user|> or <|observation|> begins, and, like the
+# official template, leaves out messages with empty content. The official template's tool
+# preamble (a fixed Chinese system text) is not reproduced: for tool data use `template: auto`.
 GLM4 = BuiltinTemplate(
     jinja=(
         "[gMASK]<sop>"
         "{% for message in messages %}"
         "{% set role = 'observation' if message['role'] == 'tool' else message['role'] %}"
-        "{{ '<|' + role + '|>\\n' + message['content'] }}"
+        "{% if message['content'] %}{{ '<|' + role + '|>\\n' + message['content'] }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     ),

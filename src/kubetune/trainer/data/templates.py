@@ -29,17 +29,11 @@ from kubetune.trainer.data.builtin_templates import BUILTIN, BuiltinTemplate
 from kubetune.trainer.data.formats import Conversation
 
 OPEN, CLOSE = "\ue000", "\ue001"
-# End-of-turn tokens seen across model families, used for templates we do not ship.
-KNOWN_STOPS = (
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|user|>",
-    "<|observation|>",
-    "</s>",
-)
+# End-of-turn tokens seen across model families, used for templates we do not ship. A marker
+# counts only where the template writes it; role markers also where the role is interpolated
+# (GLM writes `<|{{ role }}|>`), since the next turn's role token is what ends a GLM answer.
+KNOWN_STOPS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+ROLE_STOPS = ("<|user|>", "<|observation|>")
 Span = tuple[int, int]
 
 
@@ -224,7 +218,8 @@ def from_tokenizer(tokenizer: Any, source: str | None = None, name: str = "auto"
     )
     eos = getattr(tokenizer, "eos_token", None)
     stops = [eos] if eos else []
-    stops += [s for s in KNOWN_STOPS if s in special and s not in stops]
+    written = [s for s in KNOWN_STOPS if s in source] + list(ROLE_STOPS)
+    stops += [s for s in written if s in special and s not in stops]
     variables = {
         "bos_token": getattr(tokenizer, "bos_token", None) or "",
         "eos_token": eos or "",

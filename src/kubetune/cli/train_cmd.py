@@ -1,0 +1,66 @@
+"""`kubetune train FILE`: train a FineTuneJob here (a laptop, a GPU box, or a training pod)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune.api import SpecError, load_manifest
+
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser("train", help="train a FineTuneJob locally")
+    parser.add_argument("manifest", type=Path, help="FineTuneJob YAML file")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs"),
+        help="root of the job's outputs; the run goes to <output-dir>/<run-id> (default ./outputs)",
+    )
+    parser.add_argument("--run-id", help="run id (default: the job name and a hash of its spec)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        help="write the final JSON summary here too (default /dev/termination-log if it exists)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubetune.trainer.telemetry import Summary, setup_logging
+
+    setup_logging()
+    termination_log = args.termination_log or (
+        DEFAULT_TERMINATION_LOG if DEFAULT_TERMINATION_LOG.exists() else None
+    )
+    try:
+        job = load_manifest(args.manifest)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from kubetune.trainer.train import EXIT_PREEMPTED, Preempted, RunOptions, train
+
+    options = RunOptions(args.output_dir, args.run_id, args.metrics_port, termination_log)
+    try:
+        summary = train(job, options)
+    except Preempted as stopped:
+        _terminate(termination_log, str(stopped))
+        return EXIT_PREEMPTED
+    except ValueError as err:  # spec, data, model and output errors: all name the culprit
+        failed = Summary(args.run_id or job.name, phase="Failed", message=str(err))
+        print(f"error: {args.manifest}: {err}", file=sys.stderr)
+        failed.write(termination_log)
+        return 2
+    summary.write(termination_log)
+    return 0
+
+
+def _terminate(termination_log: Path | None, text: str) -> None:
+    print(f"kubetune summary: {text}", flush=True)
+    if termination_log is not None:
+        termination_log.write_text(text)

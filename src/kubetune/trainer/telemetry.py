@@ -1,0 +1,123 @@
+"""What a run tells the world: Prometheus metrics (rank 0), logs and the final summary.
+
+Metric names follow Prometheus conventions: one `kubetune_trainer_` prefix, base units as
+suffixes, `_total` for counters. They carry no per-step or per-run labels, whose number
+would grow without bound; the PodMonitor adds namespace and job from the pod's labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+
+log = logging.getLogger("kubetune.trainer")
+PHASES = ("loading", "training", "evaluating", "merging", "exporting", "done")
+# Dense bf16 peak FLOP/s per device, for model FLOPs utilisation where the device is known.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in device_name), None)
+
+
+class Metrics:
+    """The trainer's gauges and counters, served on `port` when one is given."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"kubetune_trainer_{name}", doc, registry=self.registry)
+
+        self.loss = gauge("loss", "Training loss (mean over the last logging window).")
+        self.eval_loss = gauge("eval_loss", "Loss on the validation split.")
+        self.learning_rate = gauge("learning_rate", "Current learning rate.")
+        self.grad_norm = gauge("grad_norm", "Gradient norm before clipping.")
+        self.step = gauge("step", "Optimizer steps done.")
+        self.total_steps = gauge("total_steps", "Optimizer steps planned.")
+        self.epoch = gauge("epoch", "Epochs done (fractional).")
+        self.tokens_per_second = gauge("tokens_per_second", "Non-padding tokens per second.")
+        self.samples_per_second = gauge("samples_per_second", "Sequences per second.")
+        self.mfu = gauge("model_flops_utilization_ratio", "Model FLOPs utilisation (0-1).")
+        self.packing = gauge("packing_efficiency_ratio", "Share of sequence slots with tokens.")
+        self.eta = gauge("eta_seconds", "Estimated seconds until training ends.")
+        self.gpu_allocated = gauge("gpu_memory_allocated_bytes", "GPU memory allocated.")
+        self.gpu_reserved = gauge("gpu_memory_reserved_bytes", "GPU memory reserved.")
+        self.tokens = Counter(
+            "kubetune_trainer_tokens", "Non-padding tokens trained on.", registry=self.registry
+        )
+        self.phase = Gauge(
+            "kubetune_trainer_phase",
+            "1 for the phase the trainer is in.",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.info = Info("kubetune_trainer_run", "The run being trained.", registry=self.registry)
+        self.set_phase("loading")
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def set_phase(self, phase: str) -> None:
+        for name in PHASES:
+            self.phase.labels(phase=name).set(1 if name == phase else 0)
+
+
+@dataclass
+class Summary:
+    """The final word on a run: printed, saved beside the outputs, and left as the pod's
+    termination message (which the operator reads)."""
+
+    run_id: str
+    phase: str = "Running"
+    steps: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    final_eval_loss: float | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    duration_seconds: float = 0.0
+    message: str = ""
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "runId": self.run_id,
+            "phase": self.phase,
+            "steps": self.steps,
+            "totalSteps": self.total_steps,
+            "finalLoss": self.final_loss,
+            "finalEvalLoss": self.final_eval_loss,
+            "outputs": self.outputs,
+            "durationSeconds": round(time.time() - self.started, 1),
+            "message": self.message[-1500:],
+        }
+        return json.dumps({k: v for k, v in data.items() if v not in (None, "", {})})
+
+    def write(self, termination_log: Path | None, run_dir: Path | None = None) -> None:
+        text = self.to_json()
+        print(f"kubetune summary: {text}", flush=True)
+        if run_dir is not None and run_dir.exists():
+            (run_dir / "summary.json").write_text(text + "\n")
+        if termination_log is not None:
+            try:
+                termination_log.write_text(
+                    text.encode()[:TERMINATION_LIMIT].decode(errors="ignore")
+                )
+            except OSError as err:
+                log.warning("cannot write the termination message to %s: %s", termination_log, err)
