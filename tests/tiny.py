@@ -9,6 +9,7 @@ back to the rendered text.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,3 +53,41 @@ def family_tokenizer(family: str, with_template: bool = False) -> Any:
     if with_template:
         tokenizer.chat_template = BUILTIN[family].jinja
     return tokenizer
+
+
+# Config classes of real architectures that transformers implements natively (no remote code).
+ARCHITECTURES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "glm4": "Glm4Config"}
+
+
+def tiny_causal_lm(
+    path: Path, family: str = "chatml", architecture: str = "llama", seed: int = 0
+) -> Path:
+    """A random-weight causal LM of a real architecture, saved with `family`'s tokenizer.
+
+    Small enough (hidden size 64, 2 layers) that a forward pass takes milliseconds, yet it is
+    the real model code, so merge, generation and packing behave as on a full-size model.
+    """
+    import torch
+    import transformers
+
+    tokenizer = family_tokenizer(family, with_template=True)
+    config_class = getattr(transformers, ARCHITECTURES[architecture])
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
