@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.spec import DeepSpeedSpec
+
+
+class TopologyError(ValueError):
+    """Environment variables that describe no valid place in the process group."""
 
 
 @dataclass(frozen=True)
@@ -21,18 +26,46 @@ class Topology:
     rank: int
     local_rank: int
     world_size: int
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @staticmethod
-    def from_env() -> Topology:
-        return Topology(
-            rank=int(os.environ.get("RANK", "0")),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    def from_env(env: Mapping[str, str] | None = None) -> Topology:
+        """Where this process sits: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or, where a
+        launcher gives only the node's rank (NODE_RANK, or the Indexed Job's
+        JOB_COMPLETION_INDEX) and the processes per node, the rank derived from them.
+
+        A rank outside the world is refused: two processes that both believed they were rank
+        0 would both export into the same run directory.
+        """
+        env = os.environ if env is None else env
+        local_rank = _int(env, "LOCAL_RANK", 0)
+        per_node = _int(env, "LOCAL_WORLD_SIZE", 1)
+        node_rank = _int(
+            env, "GROUP_RANK", _int(env, "NODE_RANK", _int(env, "JOB_COMPLETION_INDEX", 0))
         )
+        rank = _int(env, "RANK", node_rank * per_node + local_rank)
+        world_size = _int(env, "WORLD_SIZE", _int(env, "NNODES", 1) * per_node)
+        if not 0 <= rank < world_size:
+            raise TopologyError(
+                f"process rank {rank} (local rank {local_rank}, node rank {node_rank}) does not "
+                f"fit a world of {world_size} processes ({per_node} per node); check RANK, "
+                "LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK and NNODES"
+            )
+        return Topology(rank, local_rank, world_size, node_rank)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise TopologyError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def deepspeed_config(spec: DeepSpeedSpec, precision: str) -> dict[str, Any] | None:
