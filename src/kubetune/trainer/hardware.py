@@ -33,12 +33,19 @@ class Hardware:
     @staticmethod
     def detect() -> Hardware:
         if torch.cuda.is_available():
-            return Hardware("cuda", torch.cuda.is_bf16_supported(), torch.cuda.get_device_name())
+            # Pre-Ampere GPUs run bf16 only by emulation, which torch counts as "supported"
+            # unless asked not to; emulated bf16 is far slower than fp16 there.
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return Hardware("cuda", native, torch.cuda.get_device_name())
         return Hardware("cpu", False, "cpu")
 
 
 def choose_precision(requested: str, hardware: Hardware) -> Precision:
     """The training precision for `requested` (auto, bf16, fp16 or fp32) on `hardware`."""
+    if requested not in ("auto", *DTYPES):
+        raise PrecisionError(
+            f"spec.training.precision: unknown {requested!r}; use auto, bf16, fp16 or fp32"
+        )
     if requested == "auto":
         if hardware.device == "cpu":
             return "fp32"
