@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _terminate(termination_log: Path | None, text: str) -> None:
+    from kubetune.trainer.telemetry import write_termination_message
+
     print(f"kubetune summary: {text}", flush=True)
     if termination_log is not None:
-        termination_log.write_text(text)
+        write_termination_message(termination_log, text)

@@ -22,6 +22,7 @@ PHASES = ("loading", "training", "evaluating", "merging", "exporting", "done")
 # Dense bf16 peak FLOP/s per device, for model FLOPs utilisation where the device is known.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+MESSAGE_CHARS = 1500
 
 
 def setup_logging() -> None:
@@ -71,8 +72,17 @@ class Metrics:
         self.info = Info("kubetune_trainer_run", "The run being trained.", registry=self.registry)
         self.set_phase("loading")
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve /metrics on `port` (0: any free port); returns the port bound."""
+        server, _ = start_http_server(port, addr, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def set_phase(self, phase: str) -> None:
         for name in PHASES:
@@ -95,7 +105,9 @@ class Summary:
     message: str = ""
     started: float = field(default_factory=time.time)
 
-    def to_json(self) -> str:
+    def to_json(self, limit: int | None = None) -> str:
+        """The summary as JSON; with `limit`, at most that many bytes and still valid JSON,
+        the message losing its beginning first (an error's last lines say the most)."""
         data: dict[str, Any] = {
             "runId": self.run_id,
             "phase": self.phase,
@@ -105,9 +117,22 @@ class Summary:
             "finalEvalLoss": self.final_eval_loss,
             "outputs": self.outputs,
             "durationSeconds": round(time.time() - self.started, 1),
-            "message": self.message[-1500:],
+            "message": self.message[-MESSAGE_CHARS:],
         }
-        return json.dumps({k: v for k, v in data.items() if v not in (None, "", {})})
+        text = _dumps(data)
+        while limit is not None and len(text.encode()) > limit:
+            excess = len(text.encode()) - limit
+            if len(data["message"]) > 1:
+                # Every character takes at least one byte, so this cuts at least `excess`
+                # bytes besides the three of the ellipsis.
+                data["message"] = "…" + data["message"][excess + 3 :]
+            elif data["outputs"]:
+                data["outputs"] = {}
+            else:
+                data = {"runId": self.run_id[:200], "phase": self.phase}
+                limit = None
+            text = _dumps(data)
+        return text
 
     def write(self, termination_log: Path | None, run_dir: Path | None = None) -> None:
         text = self.to_json()
@@ -115,9 +140,19 @@ class Summary:
         if run_dir is not None and run_dir.exists():
             (run_dir / "summary.json").write_text(text + "\n")
         if termination_log is not None:
-            try:
-                termination_log.write_text(
-                    text.encode()[:TERMINATION_LIMIT].decode(errors="ignore")
-                )
-            except OSError as err:
-                log.warning("cannot write the termination message to %s: %s", termination_log, err)
+            write_termination_message(termination_log, self.to_json(TERMINATION_LIMIT))
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(
+        {k: v for k, v in data.items() if v not in (None, "", {})}, ensure_ascii=False
+    )
+
+
+def write_termination_message(path: Path, text: str) -> None:
+    """Leave `text` as the pod's termination message; a local run without a writable path
+    only logs a warning, since the outputs themselves are already safe."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        log.warning("cannot write the termination message to %s: %s", path, err)
