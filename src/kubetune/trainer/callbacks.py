@@ -35,7 +35,6 @@ class Telemetry(TrainerCallback):
         self.window_step = 0
         self.started = time.monotonic()
         self.first_step: int | None = None
-        self.history: list[dict[str, float]] = []
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -58,7 +57,7 @@ class Telemetry(TrainerCallback):
         now = time.monotonic()
         tokens = self.collator.tokens_seen - self.window_tokens
         seconds = max(now - self.window_start, 1e-9)
-        record = {"step": state.global_step, **logs}
+        shown = dict(logs)
         if "loss" in logs:
             self.metrics.loss.set(logs["loss"])
             rate = tokens / seconds
@@ -77,8 +76,8 @@ class Telemetry(TrainerCallback):
             if done > 0:
                 eta = (now - self.started) / done * (state.max_steps - state.global_step)
                 self.metrics.eta.set(eta)
-                record["eta_seconds"] = round(eta, 1)
-            record["tokens_per_second"] = round(rate, 1)
+                shown["eta_s"] = round(eta)
+            shown["tokens/s"] = round(rate, 1)
             self.window_start, self.window_tokens = now, self.collator.tokens_seen
             self.window_step = state.global_step
         if "eval_loss" in logs:
@@ -92,8 +91,7 @@ class Telemetry(TrainerCallback):
         if torch.cuda.is_available():
             self.metrics.gpu_allocated.set(torch.cuda.memory_allocated())
             self.metrics.gpu_reserved.set(torch.cuda.memory_reserved())
-        self.history.append(record)
-        log.info("step %d/%d %s", state.global_step, state.max_steps, _brief(logs))
+        log.info("step %d/%d %s", state.global_step, state.max_steps, _brief(shown))
 
 
 def _brief(logs: dict[str, float]) -> str:

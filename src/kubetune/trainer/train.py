@@ -8,13 +8,12 @@ exact resumption (optimizer, scheduler, RNG and data position) and evaluation.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kubetune.api import FineTuneJob
 from kubetune.api.spec import FineTuneJobSpec
@@ -175,8 +174,9 @@ def train(job: FineTuneJob, options: RunOptions) -> Summary:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     summary.steps, summary.total_steps = trainer.state.global_step, trainer.state.max_steps
-    summary.final_loss = _last(telemetry.history, "loss")
-    summary.final_eval_loss = _last(telemetry.history, "eval_loss")
+    history = trainer.state.log_history  # restored from the checkpoint on resume
+    summary.final_loss = _last(history, "loss")
+    summary.final_eval_loss = _last(history, "eval_loss")
     if preemption.requested:
         summary.phase, summary.message = "Preempted", "stopped on SIGTERM after a checkpoint"
         raise Preempted(summary.to_json())
@@ -190,9 +190,7 @@ def train(job: FineTuneJob, options: RunOptions) -> Summary:
     elif topology.is_main:
         trainer.save_model(str(staging / "merged"))
     if topology.is_main:
-        _finish_export(
-            job, layout, staging, model_path, tokenizer, template, summary, telemetry.history
-        )
+        _finish_export(job, layout, staging, model_path, tokenizer, template, summary, history)
         metrics.set_phase("done")
     return summary
 
@@ -257,10 +255,7 @@ def _finish_export(
     summary.phase = "Succeeded"
     (staging / "summary.json").write_text(summary.to_json() + "\n")
     layout.publish()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,53 @@
+"""Build FineTuneJob files for tests from the examples, and run `kubetune train` on them."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+KUBETUNE = str(Path(sys.executable).parent / "kubetune")
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` deep-merged in; a None value removes the key."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def job_file(directory: Path, example: str, changes: dict[str, Any] | None = None) -> Path:
+    """The example manifest with `changes` applied, written to `directory`, its dataset paths
+    made absolute so it still finds the example's data."""
+    manifest = yaml.safe_load((EXAMPLES / example).read_text())
+    for source in manifest["spec"]["data"]["datasets"]:
+        if "path" in source:
+            source["path"] = str((EXAMPLES / source["path"]).resolve())
+    manifest = merged(manifest, changes or {})
+    path = directory / example
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path
+
+
+def train(
+    manifest: Path, output: Path, *extra: str, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """`kubetune train` in a child process, as a pod or a user runs it."""
+    return subprocess.run(
+        [KUBETUNE, "train", str(manifest), "--output-dir", str(output), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
