@@ -91,3 +91,25 @@ def tiny_causal_lm(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_lora_adapter(base: Path, path: Path, seed: int = 1) -> Path:
+    """A LoRA adapter (all linear layers) for the model in `base`, saved by peft.
+
+    peft starts lora_B at zero, which makes an adapter a no-op; random lora_B weights make
+    merging and generation differ measurably from the base.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    adapted = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.05)
+    adapted.save_pretrained(path)
+    return path

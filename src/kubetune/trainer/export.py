@@ -73,9 +73,13 @@ def merge_adapter(
     diff = float((unmerged - merged).abs()[mask].max())
     scale = float(unmerged.abs()[mask].max())
     report = MergeReport(
-        str(dtype).removeprefix("torch."), diff, diff / scale, RELATIVE_TOLERANCE[dtype]
+        str(dtype).removeprefix("torch."),
+        diff,
+        diff / max(scale, torch.finfo(torch.float32).tiny),
+        RELATIVE_TOLERANCE[dtype],
     )
-    if report.relative_diff > report.tolerance:
+    # Written so that NaN logits (a broken adapter) fail the check instead of passing it.
+    if not report.relative_diff <= report.tolerance:
         raise MergeCheckError(
             f"merged model differs from base + adapter: max |logit diff| {diff:.4g} "
             f"({report.relative_diff:.2e} of the logit scale; {report.dtype} allows "
