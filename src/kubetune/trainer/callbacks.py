@@ -21,7 +21,12 @@ log = logging.getLogger("kubetune.trainer")
 
 
 class Telemetry(TrainerCallback):
-    """Publishes loss, throughput, MFU and ETA on every log (rank 0 only)."""
+    """Publishes loss, throughput, MFU and ETA on every log (rank 0 only).
+
+    The Trainer collates evaluation batches with the same collator, so the tokens and time
+    of each evaluation (between a step's end and `on_evaluate`) are taken out of the training
+    throughput.
+    """
 
     def __init__(
         self, metrics: Metrics, collator: Collator, flops_per_token: float, peak: float | None
@@ -35,6 +40,12 @@ class Telemetry(TrainerCallback):
         self.window_step = 0
         self.started = time.monotonic()
         self.first_step: int | None = None
+        self.eval_tokens = 0
+        self.step_end_tokens = 0
+        self.step_end_time = time.monotonic()
+
+    def _trained_tokens(self) -> int:
+        return self.collator.tokens_seen - self.eval_tokens
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -42,8 +53,21 @@ class Telemetry(TrainerCallback):
         self.metrics.total_steps.set(state.max_steps)
         self.metrics.set_phase("training")
         self.window_start, self.window_step = time.monotonic(), state.global_step
-        self.window_tokens = self.collator.tokens_seen
+        self.window_tokens = self._trained_tokens()
         self.first_step = state.global_step
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.step_end_tokens, self.step_end_time = self.collator.tokens_seen, time.monotonic()
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        now = time.monotonic()
+        self.eval_tokens += self.collator.tokens_seen - self.step_end_tokens
+        self.window_start += now - self.step_end_time
+        self.step_end_tokens, self.step_end_time = self.collator.tokens_seen, now
 
     def on_log(
         self,
@@ -55,7 +79,7 @@ class Telemetry(TrainerCallback):
     ) -> None:
         logs = logs or {}
         now = time.monotonic()
-        tokens = self.collator.tokens_seen - self.window_tokens
+        tokens = self._trained_tokens() - self.window_tokens
         seconds = max(now - self.window_start, 1e-9)
         shown = dict(logs)
         if "loss" in logs:
@@ -78,7 +102,7 @@ class Telemetry(TrainerCallback):
                 self.metrics.eta.set(eta)
                 shown["eta_s"] = round(eta)
             shown["tokens/s"] = round(rate, 1)
-            self.window_start, self.window_tokens = now, self.collator.tokens_seen
+            self.window_start, self.window_tokens = now, self._trained_tokens()
             self.window_step = state.global_step
         if "eval_loss" in logs:
             self.metrics.eval_loss.set(logs["eval_loss"])
