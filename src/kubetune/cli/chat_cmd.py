@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"chatting with {path} ({EXIT} or Ctrl-D quits, {RESET} forgets)", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    chat(model, tokenizer, template, _lines(sys.stdin, interactive), sys.stdout, system,
-         args.max_new_tokens)  # fmt: skip
+    lines = _lines(sys.stdin, interactive)
+    chat(model, tokenizer, template, lines, sys.stdout, system, args.max_new_tokens)
     return 0
 
 
