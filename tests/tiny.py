@@ -56,7 +56,13 @@ def family_tokenizer(family: str, with_template: bool = False) -> Any:
 
 
 # Config classes of real architectures that transformers implements natively (no remote code).
-ARCHITECTURES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "glm4": "Glm4Config"}
+# "glm" is GLM-4-9B-chat-hf's architecture (and ChatGLM's design); "glm4" is GLM-4-0414's.
+ARCHITECTURES = {
+    "llama": "LlamaConfig",
+    "qwen2": "Qwen2Config",
+    "glm": "GlmConfig",
+    "glm4": "Glm4Config",
+}
 
 
 def tiny_causal_lm(

@@ -8,24 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kubetune.cli import main
-from tests.tiny import family_tokenizer
+from tests.tiny import tiny_causal_lm
 from tests.trainer.jobs import job_file
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tokenizer = family_tokenizer("chatml", with_template=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def run_train(

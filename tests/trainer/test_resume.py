@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tests.tiny import family_tokenizer
+from tests.tiny import tiny_causal_lm
 from tests.trainer.jobs import KUBETUNE, job_file, train
 
 pytestmark = pytest.mark.slow
@@ -29,17 +28,10 @@ EXIT_PREEMPTED = 75
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart on a tiny random Llama, long enough to be interrupted."""
     directory = tmp_path_factory.mktemp("resume")
-    tokenizer = family_tokenizer("chatml", with_template=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
+    model = tiny_causal_lm(directory / "model")
     changes = {
         "spec": {
-            "model": {"path": str(directory / "model")},
+            "model": {"path": str(model)},
             "data": {"validationSplit": 0},
             "training": {"maxSteps": STEPS, "epochs": None, "saveSteps": SAVE_EVERY,
                          "loggingSteps": 1, "batchSizePerDevice": 4},

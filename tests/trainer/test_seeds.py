@@ -15,33 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny import family_tokenizer
+from tests.tiny import tiny_causal_lm
 from tests.trainer.jobs import job_file, train
 
 pytestmark = pytest.mark.slow
-SIZES = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 1024,
-}
-ARCHITECTURES = {"glm4": GlmConfig, "chatglm3": GlmConfig, "internlm2": LlamaConfig}
-
-
-def tiny_model(directory: Path, family: str) -> Path:
-    tokenizer = family_tokenizer(family, with_template=True)
-    config = ARCHITECTURES[family](vocab_size=len(tokenizer), **SIZES)
-    config.eos_token_id = tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_config(config)
-    path = directory / f"tiny-{family}"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+ARCHITECTURES = {"glm4": "glm", "chatglm3": "glm", "internlm2": "llama"}
 
 
 SEEDS = {
@@ -76,11 +56,9 @@ def cpu_sized(model: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("example", sorted(SEEDS))
-def test_seed_example_trains_and_exports_a_model_that_reloads(
-    example: str, tmp_path: Path
-) -> None:
+def test_seed_example_trains_and_exports_a_model_that_reloads(example: str, tmp_path: Path) -> None:
     family = SEEDS[example]
-    changes = cpu_sized(tiny_model(tmp_path, family))
+    changes = cpu_sized(tiny_causal_lm(tmp_path / "model", family, ARCHITECTURES[family]))
     if "qlora" in example:
         changes["spec"]["method"] = {"quantization": {"computeDtype": "auto"}}
     result = train(job_file(tmp_path, example, changes), tmp_path / "out", "--run-id", "r")

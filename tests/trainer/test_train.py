@@ -75,7 +75,9 @@ def test_exported_tokenizer_has_the_template_and_a_pad_that_is_not_eos(lora_run:
     generation = json.loads((lora_run / "merged" / "generation_config.json").read_text())
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     eos = generation["eos_token_id"]
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (
+        eos if isinstance(eos, list) else [eos]
+    )
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token != "<|im_end|>"
     # No new token was needed for padding: the vocabulary matches the base model's.
     config = json.loads((lora_run / "merged" / "config.json").read_text())
