@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ MESSAGE_CHARS = 1500
 
 
 def setup_logging() -> None:
+    # Every rank runs the same loop; only rank 0 tells the story, the others report problems.
+    rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.INFO if rank == "0" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )

@@ -122,7 +122,8 @@ def train(job: FineTuneJob, options: RunOptions) -> Summary:
     metrics.info.info({"run_id": run_id, "method": spec.method.type, "precision": precision})
 
     # Data and model.
-    from transformers import Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     set_seed(spec.training.seed)
     model_path = model_source.resolve(spec.model, base_dir)
@@ -169,6 +170,7 @@ def train(job: FineTuneJob, options: RunOptions) -> Summary:
         data_collator=collator,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # Telemetry logs each step already
     resume = layout.newest_checkpoint()
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -182,14 +184,15 @@ def train(job: FineTuneJob, options: RunOptions) -> Summary:
         raise Preempted(summary.to_json())
     log.info("training done: %s", result.metrics)
 
-    # Export (the adapter save gathers ZeRO-3 shards, so every rank takes part).
+    # Export. Saving gathers ZeRO-3 shards, so every rank takes part; only rank 0 writes.
     metrics.set_phase("exporting")
     staging = layout.start_export() if topology.is_main else layout.partial
-    if spec.method.type != "full":
-        trainer.save_model(str(staging / "adapter"))
-    elif topology.is_main:
-        trainer.save_model(str(staging / "merged"))
+    trainer.save_model(str(staging / ("merged" if spec.method.type == "full" else "adapter")))
+    summary.phase = "Succeeded"
     if topology.is_main:
+        # The merge loads plain models on rank 0 alone: ZeRO-3's partitioned loading would
+        # wait for ranks that have finished.
+        unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
         _finish_export(job, layout, staging, model_path, tokenizer, template, summary, history)
         metrics.set_phase("done")
     return summary
@@ -252,7 +255,6 @@ def _finish_export(
     summary.outputs = {
         name: str(final / name) for name in ("adapter", "merged") if (staging / name).exists()
     }
-    summary.phase = "Succeeded"
     (staging / "summary.json").write_text(summary.to_json() + "\n")
     layout.publish()
 
