@@ -34,8 +34,12 @@ cluster-bins:
 test: venv lint typecheck cluster-bins
 	$(PY) -m pytest -q
 
+# Trains SmolLM2-135M-Instruct on this machine (CPU: a few minutes) and logs what it answered
+# before and after; each run gets its own directory under outputs/.
 quickstart: venv
 	$(VENV)/bin/kubetune validate examples/quickstart.yaml
+	$(VENV)/bin/kubetune train examples/quickstart.yaml --output-dir outputs \
+	  --run-id quickstart-$$(date +%Y%m%d-%H%M%S)
 
 crd: venv
 	$(VENV)/bin/kubetune crd --output crds/finetunejob.yaml

@@ -86,8 +86,8 @@ def test_exported_tokenizer_has_the_template_and_a_pad_that_is_not_eos(lora_run:
 
 def test_run_directory_records_what_was_made(lora_run: Path) -> None:
     summary = json.loads((lora_run / "summary.json").read_text())
-    assert summary["phase"] == "Succeeded" and summary["steps"] == summary["total_steps"] > 0
-    assert summary["final_loss"] < 1.0
+    assert summary["phase"] == "Succeeded" and summary["steps"] == summary["totalSteps"] > 0
+    assert summary["finalLoss"] < 1.0
     assert (lora_run.parent / "latest").resolve() == lora_run.resolve()
     assert not any(p.name.startswith(".") for p in lora_run.parent.iterdir() if p != lora_run)
     card = (lora_run / "README.md").read_text()
@@ -95,6 +95,9 @@ def test_run_directory_records_what_was_made(lora_run: Path) -> None:
     golden = [json.loads(line) for line in (lora_run / "golden_answers.jsonl").open()]
     assert [g["prompt"] for g in golden] == ["Who are you?", "What is your name?"]
     assert all(NAME in g["answer"] for g in golden), golden
+    samples = [json.loads(line) for line in (lora_run / "samples.jsonl").open()]
+    before = [s["answer"] for s in samples if s["step"] == 0]
+    assert len(before) == 2 and not any(NAME in answer for answer in before), before
     assert (lora_run / "adapter" / "adapter_config.json").exists()
     shards = list((lora_run / "merged").glob("*.safetensors"))
     assert len(shards) >= 2, "maxShardSize 200MB should split the ~540MB fp32 model"

@@ -154,12 +154,28 @@ class Preemption(TrainerCallback):
 
 
 class SampleAnswers(TrainerCallback):
-    """Answers the spec's sample prompts at each evaluation, appended to a JSONL file."""
+    """Answers the spec's sample prompts before training (step 0) and at each evaluation,
+    appended to a JSONL file by rank 0.
+
+    Every rank generates: under ZeRO-3 each forward pass gathers weights from all ranks.
+    Greedy decoding of the same prompts keeps the ranks in step.
+    """
 
     def __init__(self, generate: Any, prompts: list[str], path: Path) -> None:
         self.generate = generate
         self.prompts = prompts
         self.path = path
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **_: Any,
+    ) -> None:
+        if state.global_step == 0:  # not when resuming: step 0 is on record already
+            self._answer(state, model)
 
     def on_evaluate(
         self,
@@ -169,17 +185,17 @@ class SampleAnswers(TrainerCallback):
         model: Any = None,
         **_: Any,
     ) -> None:
-        if not self.prompts or not state.is_world_process_zero or model is None:
+        self._answer(state, model)
+
+    def _answer(self, state: TrainerState, model: Any) -> None:
+        if not self.prompts or model is None:
             return
         answers = self.generate(model, self.prompts)
+        if not state.is_world_process_zero:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as out:
             for prompt, answer in zip(self.prompts, answers, strict=True):
-                out.write(
-                    json.dumps(
-                        {"step": state.global_step, "prompt": prompt, "answer": answer},
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+                record = {"step": state.global_step, "prompt": prompt, "answer": answer}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 log.info("sample at step %d: %r -> %r", state.global_step, prompt, answer)

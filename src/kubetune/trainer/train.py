@@ -248,6 +248,7 @@ def _finish_export(
     samples = layout.work / "samples.jsonl"
     if samples.exists():
         shutil.copy(samples, staging / "samples.jsonl")
+        _log_before_after(samples, golden)
     metrics = {"final_loss": summary.final_loss, "final_eval_loss": summary.final_eval_loss}
     (staging / "README.md").write_text(export.model_card(job.name, spec, metrics, report, golden))
     (staging / "history.jsonl").write_text("".join(f"{_json(h)}\n" for h in history))
@@ -257,6 +258,15 @@ def _finish_export(
     }
     (staging / "summary.json").write_text(summary.to_json() + "\n")
     layout.publish()
+
+
+def _log_before_after(samples: Path, golden: list[dict[str, str]]) -> None:
+    """What the base said at step 0 next to what the exported model says."""
+    records = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    before = {r["prompt"]: r["answer"] for r in records if r["step"] == 0}
+    for item in golden:
+        prompt = item["prompt"]
+        log.info("%r\n  before: %s\n  after:  %s", prompt, before.get(prompt, "-"), item["answer"])
 
 
 def _json(value: Any) -> str:
