@@ -68,6 +68,12 @@ class Telemetry(TrainerCallback):
         self.eval_tokens += self.collator.tokens_seen - self.step_end_tokens
         self.window_start += now - self.step_end_time
         self.step_end_tokens, self.step_end_time = self.collator.tokens_seen, now
+        self.metrics.set_phase("training")
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.metrics.set_phase("evaluating")
 
     def on_log(
         self,

@@ -193,6 +193,8 @@ def train(job: FineTuneJob, options: RunOptions) -> Summary:
         # The merge loads plain models on rank 0 alone: ZeRO-3's partitioned loading would
         # wait for ranks that have finished.
         unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+        if spec.output.merge and spec.method.type != "full":
+            metrics.set_phase("merging")
         _finish_export(job, layout, staging, model_path, tokenizer, template, summary, history)
         metrics.set_phase("done")
     return summary
