@@ -52,6 +52,8 @@ class CurrentRun(KubeModel):
     tokens_per_second: float | None = None
     eta: str | None = None
     """Estimated time left, e.g. `1h02m`."""
+    retrain_token: str | None = None
+    """The `kubetune.io/retrain-token` annotation this run was started with."""
 
 
 class RunRecord(KubeModel):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from kubetune.cli import chat_cmd, crd_cmd, merge_cmd, train_cmd, validate_cmd
+from kubetune.cli import chat_cmd, crd_cmd, merge_cmd, operator_cmd, train_cmd, validate_cmd
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kubetune", description="Fine-tune chat LLMs locally or on Kubernetes."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train_cmd, validate_cmd, merge_cmd, chat_cmd, crd_cmd):
+    for module in (train_cmd, validate_cmd, merge_cmd, chat_cmd, crd_cmd, operator_cmd):
         module.register(commands)
     return parser
 

@@ -1,0 +1,454 @@
+"""Status of a FineTuneJob, computed level-triggered from what exists right now.
+
+Pure: `observe` and `compute` take the children as the API server returned them (dicts), the
+trainer's progress and the previous status, and return the new status and the Events to
+emit. Nothing here remembers anything between calls except what is in the previous status,
+so an operator restarted at any moment computes the same answer from the same objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from kubetune.api.status import MAX_RUN_HISTORY, Phase
+from kubetune.controller.children import ATTEMPT_LABEL, COMPLETION_INDEX_ANNOTATION, CONTAINER
+
+Obj = dict[str, Any]
+TERMINAL: tuple[Phase, ...] = ("Succeeded", "Failed")
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended")
+AttemptState = Literal["missing", "suspended", "active", "succeeded", "failed", "deadline"]
+
+
+def timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- the trainer's progress -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the rank-0 trainer reports: live from its metrics, or its final summary."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    trainer_phase: str | None = None
+    """loading, training, evaluating, merging, exporting or done."""
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def parse_metrics(text: str) -> Progress:
+    """Progress from the trainer's Prometheus text exposition (`kubetune_trainer_*`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    phase = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kubetune_trainer_phase":
+                if sample.value == 1:
+                    phase = sample.labels.get("phase")
+            elif sample.name.startswith("kubetune_trainer_"):
+                number = _number(sample.value)
+                if number is not None:
+                    values[sample.name.removeprefix("kubetune_trainer_")] = number
+    step, total = values.get("step"), values.get("total_steps")
+    return Progress(
+        step=int(step) if step is not None else None,
+        total_steps=int(total) if total else None,
+        epoch=values.get("epoch"),
+        loss=values.get("loss"),
+        eval_loss=values.get("eval_loss"),
+        tokens_per_second=values.get("tokens_per_second"),
+        eta_seconds=values.get("eta_seconds"),
+        trainer_phase=phase,
+    )
+
+
+def parse_summary(message: str | None) -> Obj | None:
+    """The trainer's final JSON summary from a termination message (None if it is not one)."""
+    if not message:
+        return None
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "runId" in data else None
+
+
+def format_eta(seconds: float | None) -> str | None:
+    if seconds is None or seconds < 0:
+        return None
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# -- reading the children -----------------------------------------------------------------------
+
+
+def _conditions(obj: Obj) -> dict[str, Obj]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def attempt_of(obj: Obj) -> int:
+    try:
+        return int(obj["metadata"]["labels"][ATTEMPT_LABEL])
+    except (KeyError, ValueError):
+        return 0
+
+
+def job_state(job: Obj | None) -> AttemptState:
+    if job is None:
+        return "missing"
+    conditions = _conditions(job)
+
+    def true(kind: str) -> bool:
+        return conditions.get(kind, {}).get("status") == "True"
+
+    if true("Complete"):
+        return "succeeded"
+    if true("Failed"):
+        return "deadline" if conditions["Failed"].get("reason") == "DeadlineExceeded" else "failed"
+    if (job.get("spec") or {}).get("suspend") and not (job.get("status") or {}).get("active"):
+        return "suspended"
+    return "active"
+
+
+def termination_message(pods: list[Obj]) -> str | None:
+    """The most telling termination message of an attempt's pods: rank 0's, else a failed
+    pod's (where the error is), else any."""
+
+    def key(pod: Obj) -> tuple[int, int]:
+        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+        failed = (pod.get("status") or {}).get("phase") == "Failed"
+        return (0 if index == "0" else 1, 0 if failed else 1)
+
+    for pod in sorted(pods, key=key):
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            if status.get("name") != CONTAINER:
+                continue
+            terminated = (status.get("state") or {}).get("terminated") or (
+                status.get("lastState") or {}
+            ).get("terminated")
+            if terminated and terminated.get("message"):
+                return str(terminated["message"]).strip()
+    return None
+
+
+def unschedulable(pods: list[Obj]) -> str | None:
+    for pod in pods:
+        scheduled = _conditions(pod).get("PodScheduled")
+        if scheduled and scheduled.get("status") == "False":
+            return str(scheduled.get("message") or scheduled.get("reason") or "unschedulable")
+    return None
+
+
+# -- what the operator saw ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the status depends on, gathered by the handlers."""
+
+    generation: int
+    run: str
+    """The run id the spec asks for now."""
+    output_path: str
+    """The run's directory relative to the output volume."""
+    backoff_limit: int = 3
+    suspend: bool = False
+    merge: bool = True
+    retrain_token: str | None = None
+    jobs: list[Obj] = field(default_factory=list)
+    """The batch Jobs of this run (every attempt)."""
+    pods: list[Obj] = field(default_factory=list)
+    """The pods of the latest attempt."""
+    progress: Progress | None = None
+    spec_error: str | None = None
+
+    @property
+    def latest(self) -> Obj | None:
+        return max(self.jobs, key=attempt_of, default=None)
+
+    @property
+    def attempt(self) -> int:
+        latest = self.latest
+        return attempt_of(latest) if latest is not None else 0
+
+
+def finished_phase(previous: Obj, run: str) -> Phase | None:
+    """The outcome already recorded for `run`, if it finished (its Job may be gone since)."""
+    for record in previous.get("runs") or []:
+        if record.get("id") == run and record.get("phase") in TERMINAL:
+            phase: Phase = record["phase"]
+            return phase
+    return None
+
+
+def next_attempt(observed: Observed, previous: Obj) -> int | None:
+    """The attempt whose Job must exist now, or None when the run needs no (new) Job."""
+    if observed.spec_error or finished_phase(previous, observed.run):
+        return None
+    state = job_state(observed.latest)
+    if state == "missing":
+        return 1
+    if state == "failed" and observed.attempt <= observed.backoff_limit:
+        return observed.attempt + 1
+    if state in ("succeeded", "failed", "deadline"):
+        return None
+    return observed.attempt
+
+
+# -- the status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phase: Phase
+    reason: str
+    message: str
+    reconciling: bool = False
+
+
+def verdict(observed: Observed, previous: Obj) -> Verdict:
+    if observed.spec_error:
+        return Verdict("Failed", "InvalidSpec", observed.spec_error)
+    done = finished_phase(previous, observed.run)
+    latest = observed.latest
+    state = job_state(latest)
+    if done and state == "missing":
+        return Verdict(done, f"Run{done}", f"run {observed.run} {done.lower()}")
+    attempts = f"attempt {observed.attempt} of {observed.backoff_limit + 1}"
+    last_words = _last_words(observed.pods)
+    if state == "succeeded":
+        return Verdict("Succeeded", "TrainingSucceeded", f"run {observed.run} succeeded")
+    if state == "deadline":
+        return Verdict("Failed", "DeadlineExceeded", f"run {observed.run}: {_deadline(latest)}")
+    if state == "failed":
+        if observed.attempt > observed.backoff_limit:
+            return Verdict(
+                "Failed",
+                "BackoffLimitExceeded",
+                f"run {observed.run} failed after {observed.attempt} attempts: {last_words}",
+            )
+        return Verdict(
+            "Pending", "Retrying", f"{attempts} failed, starting the next: {last_words}", True
+        )
+    if state == "missing":
+        return Verdict("Pending", "Creating", f"creating the Job of run {observed.run}", True)
+    if observed.suspend:
+        return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
+    if state == "suspended":
+        return Verdict("Queued", "Queued", "the Job waits for admission (Kueue)")
+    running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        progress = observed.progress
+        if progress and progress.trainer_phase in ("merging", "exporting"):
+            return Verdict("Merging", progress.trainer_phase.capitalize(), "exporting the model")
+        return Verdict("Running", "Training", f"{len(running)} pod(s) training, {attempts}")
+    blocked = unschedulable(observed.pods)
+    if blocked:
+        return Verdict("Pending", "Unschedulable", blocked)
+    return Verdict("Pending", "PodsPending", f"waiting for the training pods, {attempts}")
+
+
+def _last_words(pods: list[Obj]) -> str:
+    message = termination_message(pods)
+    summary = parse_summary(message)
+    if summary is not None:
+        return str(summary.get("message") or summary.get("phase") or "")
+    return message or "no termination message"
+
+
+def _deadline(job: Obj | None) -> str:
+    failed = _conditions(job or {}).get("Failed", {})
+    return str(failed.get("message") or "activeDeadlineSeconds exceeded")
+
+
+def conditions(previous: list[Obj], verdict: Verdict, generation: int, now: datetime) -> list[Obj]:
+    """The full list (a merge patch replaces lists whole); lastTransitionTime kept unless
+    the condition's status changed."""
+    phase = verdict.phase
+    wanted = {
+        "Ready": phase in ("Running", "Merging", "Succeeded"),
+        "Reconciling": verdict.reconciling,
+        "Stalled": phase == "Failed",
+        "Succeeded": phase == "Succeeded",
+        "Failed": phase == "Failed",
+        "Suspended": phase == "Suspended",
+    }
+    before = {c.get("type"): c for c in previous}
+    out = []
+    for kind in CONDITION_TYPES:
+        status = "True" if wanted[kind] else "False"
+        old = before.get(kind) or {}
+        since = old.get("lastTransitionTime") if old.get("status") == status else None
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": verdict.reason if wanted[kind] or kind == "Ready" else phase,
+                "message": verdict.message if wanted[kind] or kind == "Ready" else "",
+                "lastTransitionTime": since or timestamp(now),
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+def _current_run(observed: Observed, previous: Obj, verdict: Verdict, now: datetime) -> Obj:
+    old = previous.get("currentRun") or {}
+    same = old.get("id") == observed.run
+    run: Obj = {
+        "id": observed.run,
+        "attempt": max(observed.attempt, 1),
+        "generation": old.get("generation") if same else observed.generation,
+        "startedAt": old.get("startedAt") if same else timestamp(now),
+    }
+    if observed.retrain_token:
+        run["retrainToken"] = observed.retrain_token
+    # Keep the last numbers seen when the trainer is not reachable this time.
+    for key in ("step", "totalSteps", "progress", "epoch", "loss", "evalLoss"):
+        if same and key in old:
+            run[key] = old[key]
+    progress = observed.progress
+    summary = parse_summary(termination_message(observed.pods))
+    if summary is not None:
+        progress = Progress(
+            step=summary.get("steps"),
+            total_steps=summary.get("totalSteps"),
+            loss=summary.get("finalLoss"),
+            eval_loss=summary.get("finalEvalLoss"),
+        )
+    if progress is not None:
+        live = {
+            "step": progress.step,
+            "totalSteps": progress.total_steps,
+            "epoch": progress.epoch,
+            "loss": progress.loss,
+            "evalLoss": progress.eval_loss,
+            "tokensPerSecond": progress.tokens_per_second,
+            "eta": format_eta(progress.eta_seconds),
+        }
+        run.update({k: v for k, v in live.items() if v is not None})
+        if progress.step is not None and progress.total_steps:
+            run["progress"] = f"{progress.step}/{progress.total_steps}"
+    if verdict.phase in TERMINAL:
+        run.pop("eta", None)
+        run.pop("tokensPerSecond", None)
+    return run
+
+
+def _record(run: Obj, phase: str, output_path: str | None, now: datetime) -> Obj:
+    record = {
+        "id": run["id"],
+        "generation": run.get("generation"),
+        "phase": phase,
+        "startedAt": run.get("startedAt"),
+        "finishedAt": timestamp(now),
+        "outputPath": output_path,
+        "finalLoss": run.get("loss"),
+    }
+    return {k: v for k, v in record.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A Kubernetes Event to emit: the job changed phase."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list[Transition]]:
+    """The new status (full; lists whole) and the Events that go with the change."""
+    judged = verdict(observed, previous)
+    runs = [dict(r) for r in previous.get("runs") or []]
+    old_run = previous.get("currentRun") or {}
+    events: list[Transition] = []
+    if old_run.get("id") and old_run["id"] != observed.run:
+        # A new run replaces the previous one; record it unless it already finished.
+        if not any(r.get("id") == old_run["id"] for r in runs):
+            runs.append(_record(old_run, "Superseded", None, now))
+        events.append(
+            Transition("Normal", "NewRun", f"run {observed.run} replaces {old_run['id']}")
+        )
+    current = _current_run(observed, previous, judged, now)
+    if judged.phase in TERMINAL and judged.reason != "InvalidSpec":
+        recorded = next((r for r in runs if r.get("id") == observed.run), None)
+        path = observed.output_path if judged.phase == "Succeeded" else None
+        if recorded is None:
+            runs.append(_record(current, judged.phase, path, now))
+    runs = runs[-MAX_RUN_HISTORY:]
+    status: Obj = {
+        "phase": judged.phase,
+        "observedGeneration": observed.generation,
+        "conditions": conditions(
+            previous.get("conditions") or [], judged, observed.generation, now
+        ),
+        "currentRun": current,
+        "runs": runs,
+        "message": judged.message,
+    }
+    if judged.phase == "Succeeded":
+        status["outputs"] = _outputs(observed, previous)
+    elif previous.get("outputs"):
+        status["outputs"] = previous["outputs"]  # the latest successful run's, still valid
+    if previous.get("phase") != judged.phase:
+        kind: Literal["Normal", "Warning"] = "Warning" if judged.phase == "Failed" else "Normal"
+        events.append(Transition(kind, judged.reason, f"{judged.phase}: {judged.message}"))
+    return status, events
+
+
+def _outputs(observed: Observed, previous: Obj) -> Obj:
+    summary = parse_summary(termination_message(observed.pods))
+    produced = set((summary or {}).get("outputs") or {}) or {"adapter", "merged"}
+    if summary is None and previous.get("outputs") and finished_phase(previous, observed.run):
+        return dict(previous["outputs"])
+    outputs = {name: f"{observed.output_path}/{name}" for name in ("adapter", "merged")}
+    return {k: v for k, v in outputs.items() if k in produced and (k != "merged" or observed.merge)}
+
+
+def with_progress_only_changed(old: Obj, new: Obj) -> bool:
+    """True when only live numbers differ (those writes are rate-limited)."""
+
+    def strip(status: Obj) -> Obj:
+        run = dict(status.get("currentRun") or {})
+        for key in ("step", "progress", "epoch", "loss", "evalLoss", "tokensPerSecond", "eta"):
+            run.pop(key, None)
+        return {**status, "currentRun": run}
+
+    return old != new and strip(old) == strip(new)
+
+
+__all__ = [
+    "Observed",
+    "Progress",
+    "Transition",
+    "Verdict",
+    "compute",
+    "format_eta",
+    "next_attempt",
+    "parse_metrics",
+    "parse_summary",
+    "with_progress_only_changed",
+]

@@ -1,0 +1,120 @@
+"""Fixtures for operator tests: the CRD installed in the test control plane, and the
+operator (`kubetune operator`) running as a real process against it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.cluster.procs import free_port, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+KUBETUNE = str(Path(sys.executable).parent / "kubetune")
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+
+
+@pytest.fixture(scope="session")
+def ftj_crd_installed(cluster_api: client.ApiClient) -> str:
+    """crds/finetunejob.yaml applied (created, or replaced when an older copy is there)."""
+    ext = client.ApiextensionsV1Api(cluster_api)
+    manifest = yaml.safe_load((REPO / "crds" / "finetunejob.yaml").read_text())
+    name = manifest["metadata"]["name"]
+    try:
+        ext.create_custom_resource_definition(manifest)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = ext.read_custom_resource_definition(name)
+        manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+        ext.replace_custom_resource_definition(name, manifest)
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition(name)
+        return any(
+            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
+        )
+
+    wait_until(f"CRD {name} Established", established, 60)
+    objects = client.CustomObjectsApi(cluster_api)
+    wait_until(
+        "finetunejobs served",
+        lambda: objects.list_cluster_custom_object(GROUP, VERSION, PLURAL) or True,
+        30,
+    )
+    return str(name)
+
+
+@dataclass
+class Operator:
+    """`kubetune operator` watching one namespace, as a child process (logs in `log`)."""
+
+    kubeconfig: Path
+    namespace: str
+    log: Path
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def start(self) -> Operator:
+        argv = [
+            KUBETUNE, "operator", "--namespace", self.namespace,
+            "--metrics-port", str(self.metrics_port), "--health-port", str(free_port()),
+            "--pod-label", "kubetune.io/run-locally=true",
+            # All pods share loopback here, and other tests run beside us: no fixed ports.
+            "--trainer-metrics-port", str(free_port()), "--rendezvous-port", str(free_port()),
+            "--reconcile-interval", "2", "--status-interval", "1", "--verbose", *self.extra,
+        ]  # fmt: skip
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as an OOM kill or a node loss would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> str | None:
+        if self.process is not None and self.process.poll() is not None:
+            return f"operator exited {self.process.returncode}:\n{self.tail()}"
+        return None
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def operator(
+    cluster_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
+) -> Iterator[Operator]:
+    running = Operator(cluster_kubeconfig, cluster_namespace, tmp_path / "operator.log").start()
+    yield running
+    running.stop()
+
+
+def ftj(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return found

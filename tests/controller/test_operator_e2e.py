@@ -1,0 +1,152 @@
+"""The operator end to end on the real control plane: a FineTuneJob becomes a ConfigMap, a
+headless Service and an Indexed Job; the pod runner runs the real trainer from the pod spec
+the operator rendered; the status follows it to Succeeded and the model lands on the volume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from kubetune.controller import children as ch
+from tests.cluster.harness import LocalCluster
+from tests.cluster.procs import wait_until
+from tests.controller.conftest import GROUP, PLURAL, VERSION, Operator, ftj
+from tests.tiny import tiny_causal_lm
+from tests.trainer.jobs import EXAMPLES, merged
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+TRAIN_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def quickstart(
+    model: Path, name: str = "quickstart", changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """examples/quickstart.yaml on a tiny random model, a few steps long, data paths absolute."""
+    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    for source in manifest["spec"]["data"]["datasets"]:
+        source["path"] = str((EXAMPLES / source["path"]).resolve())
+    tiny = {
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"path": str(model)},
+            "data": {"validationSplit": 0},
+            "training": {"maxSteps": 4, "epochs": None, "saveSteps": 2, "loggingSteps": 1,
+                         "batchSizePerDevice": 4},
+            "evaluation": {"samplePrompts": ["Who are you?"], "everyFraction": None,
+                           "maxNewTokens": 4},
+            "output": {"claimTemplate": {"size": "1Gi"}},
+        },
+    }  # fmt: skip
+    return merged(merged(manifest, tiny), changes or {})
+
+
+def create(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body
+    )
+
+
+def wait_phase(
+    api: client.ApiClient, ns: str, name: str, phase: str, operator: Operator, timeout: float
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = ftj(api, ns, name)
+        return obj if (obj.get("status") or {}).get("phase") == phase else None
+
+    try:
+        return wait_until(f"{name} {phase}", reached, timeout, interval=0.5, alive=operator.alive)
+    except (TimeoutError, RuntimeError) as err:
+        status = ftj(api, ns, name).get("status") or {}
+        raise AssertionError(
+            f"{err}\nstatus: {json.dumps(status, indent=1)}\n{operator.tail()}"
+        ) from None
+
+
+def labelled(api: client.ApiClient, ns: str, name: str) -> dict[str, list[str]]:
+    selector = f"{ch.JOB_LABEL}={name}"
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    opts = {"label_selector": selector}
+    return {
+        "jobs": sorted(j.metadata.name for j in batch.list_namespaced_job(ns, **opts).items),
+        "services": sorted(s.metadata.name for s in core.list_namespaced_service(ns, **opts).items),
+        "configmaps": sorted(
+            c.metadata.name for c in core.list_namespaced_config_map(ns, **opts).items
+        ),
+    }
+
+
+def test_quickstart_runs_to_succeeded_with_the_model_on_the_volume(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    operator: Operator,
+    tiny_model: Path,
+) -> None:
+    ns, name = cluster_namespace, "quickstart"
+    create(cluster_api, ns, quickstart(tiny_model))
+
+    # Children appear with deterministic names and owner references to the FineTuneJob.
+    def created() -> tuple[str, dict[str, list[str]]] | None:
+        found = labelled(cluster_api, ns, name)
+        current = (ftj(cluster_api, ns, name).get("status") or {}).get("currentRun")
+        return (current["id"], found) if current and all(found.values()) else None
+
+    run, children = wait_until("children and status", created, 60, alive=operator.alive)
+    base = ch.base_name(run)
+    assert children == {"jobs": [f"{base}-1"], "services": [base], "configmaps": [base]}
+    job = client.BatchV1Api(cluster_api).read_namespaced_job(f"{base}-1", ns)
+    assert job.spec.completion_mode == "Indexed" and job.spec.completions == 1
+    assert job.metadata.owner_references[0].kind == "FineTuneJob"
+    assert job.spec.template.spec.subdomain == base
+
+    # Status goes Running with progress numbers, then Succeeded.
+    seen: set[str] = set()
+    progress: set[str] = set()
+    deadline = time.monotonic() + TRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        status = ftj(cluster_api, ns, name).get("status") or {}
+        seen.add(status.get("phase", ""))
+        if (status.get("currentRun") or {}).get("progress"):
+            progress.add(status["currentRun"]["progress"])
+        if status.get("phase") in ("Succeeded", "Failed"):
+            break
+        assert operator.alive() is None, operator.alive()
+        time.sleep(0.3)
+    assert status.get("phase") == "Succeeded", json.dumps(status, indent=1) + operator.tail()
+    assert "Running" in seen, seen
+    assert progress, "no progress numbers appeared"
+
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "True"
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["Reconciling"]["status"] == "False"
+    assert conditions["Stalled"]["status"] == "False"
+    assert status["observedGeneration"] == 1
+    assert status["currentRun"]["progress"] == "4/4"
+    assert status["runs"][-1]["id"] == run and status["runs"][-1]["phase"] == "Succeeded"
+    assert status["outputs"]["merged"] == f"{name}/{run}/merged"
+
+    # The merged model is in the PVC's directory; the claim is not owned by the job.
+    claim = client.CoreV1Api(cluster_api).read_namespaced_persistent_volume_claim(
+        ch.output_claim_name(name), ns
+    )
+    assert not claim.metadata.owner_references
+    assert cluster.runner is not None
+    volume = cluster.runner.claim_dir(ns, claim.metadata.name)
+    merged_dir = volume / name / run / "merged"
+    assert (merged_dir / "config.json").exists(), sorted(p.name for p in (volume / name).iterdir())
+    assert list(merged_dir.glob("*.safetensors"))
+    summary = json.loads((volume / name / run / "summary.json").read_text())
+    assert summary["phase"] == "Succeeded" and summary["steps"] == 4
