@@ -1,0 +1,220 @@
+"""Status computed level-triggered from given children (no cluster): phases, conditions,
+attempts, progress, history."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubetune.controller import children as ch
+from kubetune.controller import status as st
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+RUN = "quickstart-1234abcd"
+Obj = dict[str, Any]
+
+
+def batch_job(attempt: int = 1, condition: str | None = None, reason: str = "", **spec: Any) -> Obj:
+    status: Obj = {}
+    if condition:
+        status["conditions"] = [{"type": condition, "status": "True", "reason": reason}]
+    return {
+        "metadata": {"name": f"{RUN}-{attempt}", "namespace": "ns",
+                     "labels": {ch.ATTEMPT_LABEL: str(attempt)}},
+        "spec": spec,
+        "status": status,
+    }  # fmt: skip
+
+
+def pod(phase: str = "Running", index: int = 0, message: str | None = None, **extra: Any) -> Obj:
+    status: Obj = {"phase": phase, "podIP": "10.0.0.1", **extra}
+    if message is not None:
+        status["containerStatuses"] = [
+            {"name": ch.CONTAINER, "state": {"terminated": {"exitCode": 1, "message": message}}}
+        ]
+    return {
+        "metadata": {"annotations": {ch.COMPLETION_INDEX_ANNOTATION: str(index)}},
+        "spec": {"containers": [{"name": ch.CONTAINER, "ports": [
+            {"name": "metrics", "containerPort": 9090}]}]},
+        "status": status,
+    }  # fmt: skip
+
+
+def observed(**changes: Any) -> st.Observed:
+    values: Obj = {"generation": 1, "run": RUN, "output_path": f"quickstart/{RUN}"}
+    return st.Observed(**(values | changes))
+
+
+def conditions(status: Obj) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def test_no_job_yet_is_pending_and_reconciling() -> None:
+    status, events = st.compute(observed(), {}, NOW)
+    assert status["phase"] == "Pending"
+    assert conditions(status) == {
+        "Ready": "False", "Reconciling": "True", "Stalled": "False",
+        "Succeeded": "False", "Failed": "False", "Suspended": "False",
+    }  # fmt: skip
+    assert status["observedGeneration"] == 1
+    assert status["currentRun"]["id"] == RUN
+    assert [e.reason for e in events] == ["Creating"]
+    assert st.next_attempt(observed(), {}) == 1
+
+
+def test_running_pods_make_it_ready_with_progress() -> None:
+    progress = st.Progress(step=5, total_steps=20, loss=1.25, eta_seconds=3725, epoch=0.5)
+    seen = observed(jobs=[batch_job()], pods=[pod()], progress=progress)
+    status, _ = st.compute(seen, {}, NOW)
+    assert status["phase"] == "Running"
+    assert conditions(status)["Ready"] == "True"
+    assert conditions(status)["Reconciling"] == "False"
+    run = status["currentRun"]
+    assert run["progress"] == "5/20" and run["loss"] == 1.25 and run["eta"] == "1h02m"
+    assert st.next_attempt(seen, status) == 1  # nothing to create
+
+
+def test_unschedulable_pod_is_visible_with_its_reason() -> None:
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/9 nodes are available: 9 Insufficient nvidia.com/gpu."}  # fmt: skip
+    seen = observed(jobs=[batch_job()], pods=[pod("Pending", conditions=[scheduled])])
+    status, _ = st.compute(seen, {}, NOW)
+    assert status["phase"] == "Pending"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in ready["message"]
+
+
+def test_failed_attempt_retries_until_the_backoff_limit_then_fails_with_the_message() -> None:
+    summary = json.dumps({"runId": RUN, "phase": "Failed", "message": "CUDA out of memory"})
+    first = observed(jobs=[batch_job(1, "Failed")], pods=[pod("Failed", message=summary)])
+    assert st.next_attempt(first, {}) == 2
+    status, _ = st.compute(first, {}, NOW)
+    assert status["phase"] == "Pending" and conditions(status)["Reconciling"] == "True"
+
+    jobs = [batch_job(a, "Failed") for a in (1, 2, 3, 4)]
+    last = observed(jobs=jobs, pods=[pod("Failed", message=summary)], backoff_limit=3)
+    assert st.next_attempt(last, {}) is None
+    status, events = st.compute(last, {"phase": "Running"}, NOW)
+    assert status["phase"] == "Failed"
+    assert conditions(status)["Stalled"] == "True" and conditions(status)["Failed"] == "True"
+    assert "CUDA out of memory" in status["message"]
+    assert "after 4 attempts" in status["message"]
+    assert status["runs"][-1]["phase"] == "Failed"
+    assert events[-1].type == "Warning"
+
+
+def test_log_tail_is_the_message_when_the_trainer_wrote_no_summary() -> None:
+    jobs = [batch_job(1, "Failed")]
+    seen = observed(jobs=jobs, pods=[pod("Failed", message="Traceback: boom")], backoff_limit=0)
+    status, _ = st.compute(seen, {}, NOW)
+    assert status["phase"] == "Failed" and "Traceback: boom" in status["message"]
+
+
+def test_deadline_fails_at_once() -> None:
+    seen = observed(jobs=[batch_job(1, "Failed", "DeadlineExceeded")])
+    assert st.next_attempt(seen, {}) is None
+    status, _ = st.compute(seen, {}, NOW)
+    assert status["phase"] == "Failed" and "Deadline" in status["conditions"][0]["reason"]
+
+
+def test_success_records_history_outputs_and_final_numbers() -> None:
+    outputs = {"adapter": "/x", "merged": "/y"}
+    summary = json.dumps({"runId": RUN, "phase": "Succeeded", "steps": 20, "totalSteps": 20,
+                          "finalLoss": 0.5, "outputs": outputs})  # fmt: skip
+    seen = observed(jobs=[batch_job(1, "Complete")], pods=[pod("Succeeded", message=summary)])
+    status, _ = st.compute(seen, {"phase": "Running"}, NOW)
+    assert status["phase"] == "Succeeded"
+    assert conditions(status)["Ready"] == "True" and conditions(status)["Succeeded"] == "True"
+    assert status["currentRun"]["progress"] == "20/20" and status["currentRun"]["loss"] == 0.5
+    assert status["outputs"] == {
+        "adapter": f"quickstart/{RUN}/adapter",
+        "merged": f"quickstart/{RUN}/merged",
+    }
+    assert status["runs"] == [
+        {"id": RUN, "generation": 1, "phase": "Succeeded", "startedAt": "2025-01-02T03:04:05Z",
+         "finishedAt": "2025-01-02T03:04:05Z", "outputPath": f"quickstart/{RUN}",
+         "finalLoss": 0.5}
+    ]  # fmt: skip
+    # Level-triggered: the same objects give the same status, and a finished run whose Job is
+    # gone is not started again.
+    again, events = st.compute(seen, status, NOW + timedelta(minutes=1))
+    assert again == status and events == []
+    gone = observed()
+    assert st.next_attempt(gone, status) is None
+    assert st.compute(gone, status, NOW)[0]["phase"] == "Succeeded"
+
+
+def test_a_new_run_supersedes_the_current_one_in_history() -> None:
+    old = {"phase": "Running", "currentRun": {"id": "quickstart-00000000", "generation": 1}}
+    status, events = st.compute(observed(generation=2), old, NOW)
+    assert status["currentRun"]["id"] == RUN and status["currentRun"]["generation"] == 2
+    assert status["runs"][-1]["id"] == "quickstart-00000000"
+    assert status["runs"][-1]["phase"] == "Superseded"
+    assert events[0].reason == "NewRun"
+
+
+def test_history_is_bounded() -> None:
+    runs = [{"id": f"r{i}", "phase": "Succeeded"} for i in range(st.MAX_RUN_HISTORY)]
+    previous = {"runs": runs, "currentRun": {"id": "r-running"}, "phase": "Running"}
+    status, _ = st.compute(observed(), previous, NOW)
+    assert len(status["runs"]) == st.MAX_RUN_HISTORY
+    assert status["runs"][0]["id"] == "r1" and status["runs"][-1]["id"] == "r-running"
+
+
+def test_suspend_and_queue() -> None:
+    status, _ = st.compute(observed(jobs=[batch_job(suspend=True)], suspend=True), {}, NOW)
+    assert status["phase"] == "Suspended" and conditions(status)["Suspended"] == "True"
+    status, _ = st.compute(observed(jobs=[batch_job(suspend=True)]), {}, NOW)
+    assert status["phase"] == "Queued"
+
+
+def test_invalid_spec_is_stalled() -> None:
+    status, _ = st.compute(observed(spec_error="spec.x: bad"), {}, NOW)
+    assert status["phase"] == "Failed" and conditions(status)["Stalled"] == "True"
+    assert status["message"] == "spec.x: bad"
+
+
+def test_transition_time_is_kept_while_a_condition_holds() -> None:
+    first, _ = st.compute(observed(jobs=[batch_job()], pods=[pod()]), {}, NOW)
+    later, _ = st.compute(
+        observed(jobs=[batch_job()], pods=[pod()]), first, NOW + timedelta(minutes=5)
+    )
+    ready = next(c for c in later["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == "2025-01-02T03:04:05Z"
+
+
+def test_progress_only_changes_are_recognised_for_coalescing() -> None:
+    def at(step: int) -> st.Observed:
+        progress = st.Progress(step=step, total_steps=9)
+        return observed(jobs=[batch_job()], pods=[pod()], progress=progress)
+
+    one, _ = st.compute(at(1), {}, NOW)
+    two, _ = st.compute(at(2), one, NOW)
+    assert st.with_progress_only_changed(one, two)
+    assert not st.with_progress_only_changed(one, one)
+
+
+def test_parse_metrics_reads_the_trainer_exposition() -> None:
+    from prometheus_client import generate_latest
+
+    from kubetune.trainer.telemetry import Metrics
+
+    metrics = Metrics()
+    metrics.step.set(7)
+    metrics.total_steps.set(10)
+    metrics.loss.set(0.75)
+    metrics.eta.set(42)
+    metrics.set_phase("training")
+    progress = st.parse_metrics(generate_latest(metrics.registry).decode())
+    assert progress == st.Progress(step=7, total_steps=10, epoch=0.0, loss=0.75, eval_loss=0.0,
+                                   tokens_per_second=0.0, eta_seconds=42.0,
+                                   trainer_phase="training")  # fmt: skip
+
+
+def test_format_eta() -> None:
+    assert st.format_eta(42) == "42s"
+    assert st.format_eta(125) == "2m05s"
+    assert st.format_eta(3725) == "1h02m"
+    assert st.format_eta(None) is None
