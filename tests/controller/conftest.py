@@ -17,6 +17,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.procs import free_port, wait_until
+from tests.tiny import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[2]
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
@@ -118,3 +119,8 @@ def ftj(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
         GROUP, VERSION, namespace, PLURAL, name
     )
     return found
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")

@@ -1,0 +1,139 @@
+"""The operator over a job's life on the real control plane: killed and restarted mid-run
+(no duplicates, the job completes), a no-op spec change (TTL) that starts nothing, a
+training change that starts run 2 in a new directory while run 1's output stays, deletion
+(children garbage-collected, the output volume kept), and an always-failing job that ends
+Failed after the backoff limit with the trainer's message in status."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from kubetune.controller import children as ch
+from tests.cluster.harness import LocalCluster
+from tests.cluster.procs import wait_until
+from tests.controller.conftest import GROUP, PLURAL, VERSION, Operator, ftj
+from tests.controller.helpers import create, labelled, quickstart, wait_phase
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def patch_spec(api: client.ApiClient, ns: str, name: str, spec: dict[str, object]) -> None:
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, name, {"spec": spec}, _content_type=MERGE_PATCH
+    )
+
+
+def digest(directory: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        sha.update(str(path.relative_to(directory)).encode())
+        sha.update(path.read_bytes())
+    return sha.hexdigest()
+
+
+def test_restart_noop_change_retrain_and_delete(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    operator: Operator,
+    tiny_model: Path,
+) -> None:
+    ns, name = cluster_namespace, "lifecycle"
+    create(cluster_api, ns, quickstart(tiny_model, name, {"spec": {"training": {"maxSteps": 6}}}))
+
+    # SIGKILL the operator as soon as it has created the Job, then start a new one.
+    wait_until("the Job", lambda: labelled(cluster_api, ns, name)["jobs"], 60, alive=operator.alive)
+    operator.kill()
+    operator.start()
+    status = wait_phase(cluster_api, ns, name, "Succeeded", operator, 300)["status"]
+    run1 = status["currentRun"]["id"]
+    base1 = ch.base_name(run1)
+    assert labelled(cluster_api, ns, name) == {
+        "jobs": [f"{base1}-1"], "services": [base1], "configmaps": [base1]
+    }  # fmt: skip
+    assert status["currentRun"]["attempt"] == 1
+
+    assert cluster.runner is not None
+    volume = cluster.runner.claim_dir(ns, ch.output_claim_name(name))
+    run1_dir = volume / name / run1
+    before = digest(run1_dir)
+
+    # A change that does not affect training: observed, nothing started.
+    patch_spec(cluster_api, ns, name, {"runPolicy": {"ttlSecondsAfterFinished": 3600}})
+    wait_until(
+        "observedGeneration 2",
+        lambda: ftj(cluster_api, ns, name)["status"].get("observedGeneration") == 2,
+        30,
+        alive=operator.alive,
+    )
+    status = ftj(cluster_api, ns, name)["status"]
+    assert status["phase"] == "Succeeded" and status["currentRun"]["id"] == run1
+    assert labelled(cluster_api, ns, name)["jobs"] == [f"{base1}-1"]
+
+    # A training change: run 2, its own directory; run 1's output untouched.
+    patch_spec(cluster_api, ns, name, {"training": {"learningRate": 5.0e-4}})
+    wait_until(
+        "run 2",
+        lambda: ftj(cluster_api, ns, name)["status"]["currentRun"]["id"] != run1,
+        30,
+        alive=operator.alive,
+    )
+    status = wait_phase(cluster_api, ns, name, "Succeeded", operator, 300)["status"]
+    run2 = status["currentRun"]["id"]
+    assert status["currentRun"]["generation"] == 3
+    assert [r["id"] for r in status["runs"]] == [run1, run2]
+    assert status["runs"][1]["outputPath"] == f"{name}/{run2}"
+    assert (volume / name / run2 / "merged" / "config.json").exists()
+    assert digest(run1_dir) == before
+    base2 = ch.base_name(run2)
+    wait_until(
+        "run 1's children gone",
+        lambda: (
+            labelled(cluster_api, ns, name)
+            == {"jobs": [f"{base2}-1"], "services": [base2], "configmaps": [base2]}
+        ),
+        30,
+    )
+
+    # Deletion: children are garbage-collected; the output claim and the models stay.
+    client.CustomObjectsApi(cluster_api).delete_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, name
+    )
+
+    def gone() -> bool:
+        try:
+            ftj(cluster_api, ns, name)
+            return False
+        except client.ApiException as err:
+            return err.status == 404
+
+    wait_until("the FineTuneJob deleted", gone, 30, alive=operator.alive)
+    wait_until(
+        "children garbage-collected",
+        lambda: not any(labelled(cluster_api, ns, name).values()),
+        60,
+    )
+    core = client.CoreV1Api(cluster_api)
+    assert core.read_namespaced_persistent_volume_claim(ch.output_claim_name(name), ns)
+    assert digest(run1_dir) == before
+
+
+def test_always_failing_job_ends_failed_with_the_trainers_message(
+    cluster_api: client.ApiClient, cluster_namespace: str, operator: Operator, tiny_model: Path
+) -> None:
+    ns, name = cluster_namespace, "broken"
+    missing = str(tiny_model.parent / "no-such-model")
+    changes = {"spec": {"model": {"path": missing}, "runPolicy": {"backoffLimit": 1}}}
+    create(cluster_api, ns, quickstart(tiny_model, name, changes))
+    status = wait_phase(cluster_api, ns, name, "Failed", operator, 240)["status"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Stalled"]["status"] == "True"
+    assert conditions["Failed"]["reason"] == "BackoffLimitExceeded"
+    assert status["currentRun"]["attempt"] == 2
+    assert "no-such-model" in status["message"], status["message"]
+    assert len(labelled(cluster_api, ns, name)["jobs"]) == 2
