@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,13 @@ def test_quickstart_runs_to_succeeded_with_the_model_on_the_volume(
     assert list(merged_dir.glob("*.safetensors"))
     summary = json.loads((volume / name / run / "summary.json").read_text())
     assert summary["phase"] == "Succeeded" and summary["steps"] == 4
+
+    # The operator's own metrics.
+    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    assert 'kubetune_operator_jobs{phase="Succeeded"} 1.0' in text
+    assert "kubetune_operator_runs_started_total 1.0" in text
+    assert "kubetune_operator_runs_succeeded_total 1.0" in text
+    assert 'kubetune_operator_reconcile_total{result="success"}' in text
+    assert "kubetune_operator_reconcile_time_seconds_bucket" in text
