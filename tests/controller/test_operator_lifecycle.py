@@ -7,6 +7,8 @@ Failed after the backoff limit with the trainer's message in status."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,39 @@ def test_always_failing_job_ends_failed_with_the_trainers_message(
     assert status["currentRun"]["attempt"] == 2
     assert "no-such-model" in status["message"], status["message"]
     assert len(labelled(cluster_api, ns, name)["jobs"]) == 2
+
+
+def test_killed_pod_fails_the_attempt_and_the_next_resumes_from_the_checkpoint(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    operator: Operator,
+    tiny_model: Path,
+) -> None:
+    ns, name = cluster_namespace, "killed"
+    changes = {"spec": {"training": {"maxSteps": 60, "saveSteps": 5},
+                        "evaluation": {"samplePrompts": []}}}  # fmt: skip
+    create(cluster_api, ns, quickstart(tiny_model, name, changes))
+    run = wait_phase(cluster_api, ns, name, "Running", operator, 120)["status"]["currentRun"]["id"]
+    assert cluster.runner is not None
+    runner = cluster.runner
+    volume = runner.claim_dir(ns, ch.output_claim_name(name))
+    checkpoint = volume / name / f".{run}.work" / "checkpoints" / "checkpoint-10" / "COMPLETE"
+    wait_until("checkpoint 10", checkpoint.exists, 180, interval=0.1, alive=operator.alive)
+    pids = runner.running_pids()
+    assert pids
+    for pid in pids:  # the trainer dies as on an OOM kill: no chance to checkpoint
+        os.killpg(pid, signal.SIGKILL)
+
+    status = wait_phase(cluster_api, ns, name, "Succeeded", operator, 300)["status"]
+    assert status["currentRun"]["attempt"] == 2
+    base = ch.base_name(run)
+    assert labelled(cluster_api, ns, name)["jobs"] == [f"{base}-1", f"{base}-2"]
+    pods = client.CoreV1Api(cluster_api).list_namespaced_pod(
+        ns, label_selector=f"{ch.ATTEMPT_LABEL}=2,{ch.JOB_LABEL}={name}"
+    )
+    pod_dir = runner.pod_dir(ns, pods.items[0].metadata.name)
+    assert pod_dir is not None
+    log = (pod_dir / "logs" / f"{ch.CONTAINER}.log").read_text()
+    assert "resuming from" in log and "checkpoint-" in log, log[-2000:]
+    assert status["currentRun"]["progress"] == "60/60"
