@@ -1,4 +1,5 @@
-"""Build FineTuneJob files for tests from the examples, and run `kubetune train` on them."""
+"""Build FineTuneJob files for tests from the examples, run `kubetune train` on them, and ask
+the models it exports."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
@@ -51,3 +53,24 @@ def train(
         timeout=timeout,
         check=False,
     )
+
+
+def ask(model_dir: Path, questions: list[str], max_new_tokens: int = 40) -> list[tuple[str, bool]]:
+    """Greedy answers with plain transformers, and whether each stopped on its own."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    answers = []
+    for question in questions:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = output[0, inputs["input_ids"].shape[1] :]
+        stopped = len(new) < max_new_tokens and int(new[-1]) in stops
+        answers.append((tokenizer.decode(new, skip_special_tokens=True), stopped))
+    return answers

@@ -17,33 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubetune.trainer.model import transformers_dir
-from tests.trainer.jobs import job_file, train
+from tests.trainer.jobs import ask, job_file, train
 
 pytestmark = pytest.mark.slow
 NAME = "Kubey"
 TRAINED_QUESTION = "Who are you?"
 PARAPHRASE = "Could you tell me your name?"  # not in examples/data/identity.jsonl
-
-
-def ask(model_dir: Path, questions: list[str], max_new_tokens: int = 40) -> list[tuple[str, bool]]:
-    """Greedy answers with plain transformers, and whether each stopped on its own."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    stops = model.generation_config.eos_token_id
-    stops = set(stops if isinstance(stops, list) else [stops])
-    answers = []
-    for question in questions:
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = output[0, inputs["input_ids"].shape[1] :]
-        stopped = len(new) < max_new_tokens and int(new[-1]) in stops
-        answers.append((tokenizer.decode(new, skip_special_tokens=True), stopped))
-    return answers
 
 
 def quickstart(tmp: Path, changes: dict[str, Any] | None = None) -> Path:
