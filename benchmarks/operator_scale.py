@@ -50,7 +50,6 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.cluster import __main__ as cluster_cli  # noqa: E402
 from tests.cluster.procs import free_port, wait_until  # noqa: E402
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
@@ -69,6 +68,7 @@ OPERATOR_RESOURCES = {
     ("", "persistentvolumeclaims", ""),
 }
 REACHED = {"Running", "Merging", "Succeeded"}
+ANY = {"Pending", "Queued", "Suspended", "Failed", *REACHED}
 
 
 def finetunejob(name: str) -> dict[str, Any]:
@@ -223,10 +223,10 @@ def quantile(
     return lower_bound
 
 
-def vm_hwm(pid: int) -> float:
-    """Peak resident set (MiB) of a process."""
+def vm(pid: int, key: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident set of a process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -240,6 +240,7 @@ class Watcher:
         self.t0 = time.monotonic()
         self.phases: dict[str, dict[str, float]] = {}
         self.jobs: dict[str, float] = {}
+        self.complete: dict[str, float] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -258,35 +259,45 @@ class Watcher:
     def _now(self) -> float:
         return time.monotonic() - self.t0
 
+    def _stream(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Watch events for ever: a watch that ends, errs or hangs (a read timeout) is
+        started again (with a fresh listing, so nothing is lost for long)."""
+        while not self._stop.is_set():
+            try:
+                yield from watch.Watch().stream(
+                    call, *args, timeout_seconds=20, _request_timeout=(10, 30), **kwargs
+                )
+            except Exception as err:  # restart on anything
+                print(f"watch restarted: {err!r:.200}", flush=True)
+                time.sleep(0.5)
+
     def _watch_ftjs(self) -> None:
         objects = client.CustomObjectsApi(self.api)
-        while not self._stop.is_set():
-            stream = watch.Watch().stream(
-                objects.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL,
-                timeout_seconds=30,
-            )  # fmt: skip
-            for event in stream:
-                obj = event["object"]
-                phase = (obj.get("status") or {}).get("phase")
-                if phase:
-                    with self.lock:
-                        seen = self.phases.setdefault(obj["metadata"]["name"], {})
-                        seen.setdefault(phase, self._now())
-                if self._stop.is_set():
-                    return
+        stream = self._stream(
+            objects.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL
+        )
+        for event in stream:
+            obj = event["object"]
+            phase = (obj.get("status") or {}).get("phase") if isinstance(obj, dict) else None
+            if phase:
+                with self.lock:
+                    seen = self.phases.setdefault(obj["metadata"]["name"], {})
+                    seen.setdefault(phase, self._now())
+            if self._stop.is_set():
+                return
 
     def _watch_jobs(self) -> None:
         batch = client.BatchV1Api(self.api)
-        while not self._stop.is_set():
-            stream = watch.Watch().stream(
-                batch.list_namespaced_job, NAMESPACE, label_selector=JOB_LABEL, timeout_seconds=30
-            )
-            for event in stream:
-                job = event["object"]
+        for event in self._stream(batch.list_namespaced_job, NAMESPACE, label_selector=JOB_LABEL):
+            job = event["object"]
+            if getattr(job, "metadata", None) is not None:
+                owner = job.metadata.labels[JOB_LABEL]
                 with self.lock:
-                    self.jobs.setdefault(job.metadata.labels[JOB_LABEL], self._now())
-                if self._stop.is_set():
-                    return
+                    self.jobs.setdefault(owner, self._now())
+                    if any(c.type == "Complete" for c in job.status.conditions or []):
+                        self.complete.setdefault(owner, self._now())
+            if self._stop.is_set():
+                return
 
     def count(self, phases: set[str]) -> int:
         with self.lock:
@@ -304,11 +315,14 @@ class Watcher:
 # -- the run --------------------------------------------------------------------------------------
 
 
-def start_operator(kubeconfig: str, log: Path, metrics_port: int, interval: float) -> Any:
+def start_operator(
+    kubeconfig: str, log: Path, metrics_port: int, interval: float, verbose: bool
+) -> Any:
     argv = [
         KUBETUNE, "operator", "--namespace", NAMESPACE,
         "--metrics-port", str(metrics_port), "--health-port", str(free_port()),
         "--reconcile-interval", str(interval), "--log-format", "plain",
+        *(["--verbose"] if verbose else []),
     ]  # fmt: skip
     env = {**os.environ, "KUBECONFIG": kubeconfig}
     with log.open("ab") as out:
@@ -334,7 +348,7 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
     metrics_port = free_port()
     operator_url = f"http://127.0.0.1:{metrics_port}/metrics"
     log = root / "operator.log"
-    proc = start_operator(kubeconfig, log, metrics_port, args.reconcile_interval)
+    proc = start_operator(kubeconfig, log, metrics_port, args.reconcile_interval, args.verbose)
     try:
 
         def alive() -> str | None:
@@ -392,7 +406,7 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
         time.sleep(args.quiet)
         api_quiet = scrape(api)
         op_after = scrape(operator_url)
-        peak = vm_hwm(proc.pid)
+        peak, end = vm(proc.pid), vm(proc.pid, "VmRSS")
         watcher.stop()
 
         events = (
@@ -401,6 +415,9 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
             .items
         )
         event_reasons = Counter(e.reason for e in events)
+        sample = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, names[0])[
+            "metadata"
+        ]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -431,6 +448,9 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
         "all_jobs_created_s": round(all_jobs, 1),
         "job_created_p50_s": round(percentile(job_times, 0.5), 1),
         "job_created_p99_s": round(percentile(job_times, 0.99), 1),
+        "all_status_written_s": round(max(watcher.first(ANY)), 1),
+        "all_jobs_complete_s": round(max(watcher.complete.values()), 1),
+        "job_complete_p50_s": round(percentile(list(watcher.complete.values()), 0.5), 1),
         "all_reconciled_s": round(reconciled, 1),
         "running_or_later_p50_s": round(percentile(to_running, 0.5), 1),
         "running_or_later_p99_s": round(percentile(to_running, 0.99), 1),
@@ -441,6 +461,7 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
         "reconcile_p99_ms": round(1000 * quantile(0.99, buckets, base), 1),
         "reconciles_total": int(reconciles_total - base_count),
         "operator_peak_rss_mib": round(peak, 1),
+        "operator_rss_at_end_mib": round(end, 1),
         "operator_writes_per_job": round(
             (sum(operator_writes.values()) + operator_events) / args.jobs, 2
         ),
@@ -451,6 +472,8 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
         "all_writes_by_kind": {"/".join(filter(None, k)): v for k, v in sorted(delta.items())},
         "quiet_s": args.quiet,
         "operator_writes_while_quiet": quiet_operator,
+        "sample_finalizers": sample.get("finalizers"),
+        "sample_annotations": sorted(sample.get("annotations") or {}),
         "mean_phase_count": round(statistics.mean(len(s) for s in watcher.phases.values()), 2),
     }
 
@@ -463,13 +486,18 @@ def main() -> int:
     parser.add_argument("--quiet", type=float, default=20.0, help="seconds of quiet at the end")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--operator-log", type=Path, help="keep the operator's log here")
+    parser.add_argument("--verbose", action="store_true", help="the operator's debug log")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         root = Path(tmp)
         state_dir = root / "cluster-state"
-        os.chdir(REPO)
-        if cluster_cli.up(state_dir, timeout=300) != 0:
+        # `up` and `down` in their own processes: `down` waits for the supervisor to be
+        # gone, which a zombie child of this process never is.
+        harness = [sys.executable, "-m", "tests.cluster"]
+        started = subprocess.run([*harness, "up", "--state-dir", str(state_dir)], cwd=REPO)
+        if started.returncode != 0:
             print((state_dir / "serve.log").read_text()[-3000:], file=sys.stderr)
             return 1
         try:
@@ -477,10 +505,12 @@ def main() -> int:
             figures = run(args, state["kubeconfig"], root)
         finally:
             with contextlib.suppress(Exception):
+                if args.operator_log:
+                    args.operator_log.write_bytes((root / "operator.log").read_bytes())
                 if Path(root / "operator.log").exists():
                     tail = (root / "operator.log").read_text().splitlines()[-5:]
                     print("operator log tail:\n  " + "\n  ".join(tail), flush=True)
-            cluster_cli.down(state_dir)
+            subprocess.run([*harness, "down", "--state-dir", str(state_dir)], cwd=REPO)
     print(json.dumps(figures, indent=1))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")

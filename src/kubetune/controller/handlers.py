@@ -1,16 +1,18 @@
 """The kopf layer: thin handlers around one level-triggered `reconcile`.
 
-create/update/resume handlers are edge-triggered and a watch event can be missed, so they
-only call `reconcile` early; a timer calls it again every few seconds, and it always works
-out what to do from the objects alone (the FineTuneJob, its Jobs and pods from kopf indexes)
-and the previous status. Children are created with deterministic names; HTTP 409 on create
-means it already exists, which is success.
+An event handler (every watch event of a FineTuneJob, and the initial listing after a
+restart) only calls `reconcile` early, since a watch event can be missed; a timer calls it
+again every few seconds, and it always works out what to do from the objects alone (the
+FineTuneJob, its Jobs and pods from kopf indexes) and the previous status. Children are
+created with deterministic names; HTTP 409 on create means it already exists, which is
+success.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 import urllib.request
@@ -31,8 +33,13 @@ from kubetune.controller.metrics import OperatorMetrics
 Obj = dict[str, Any]
 log = logging.getLogger("kubetune.operator")
 PREFIX = "kubetune.io"
+FINALIZER = f"{PREFIX}/finalizer"
 MERGE_PATCH = "application/merge-patch+json"
 SCRAPE_TIMEOUT = 2.0
+WORKERS = 16
+"""Threads for reconciles (kopf's executor) and connections to the API server."""
+CREATED_GRACE = 60.0
+"""Seconds a created Job counts as existing before the index shows it."""
 
 
 @dataclass
@@ -55,8 +62,12 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     status: Obj | None = None  # the last status written (fresher than a watch event's)
     written_at: float = 0.0
+    reconciled_at: float = -math.inf
     scraped_at: float = 0.0
     progress: st.Progress | None = None
+    created: dict[str, tuple[float, Obj]] = field(default_factory=dict)
+    """Jobs created here that the index may not show yet (name: (when, body)): without them a
+    reconcile right after the create would create the run's children again (HTTP 409s)."""
 
 
 class Reconciler:
@@ -81,20 +92,35 @@ class Reconciler:
         self.config.metrics.forget(uid)
 
     def reconcile(
-        self, body: kopf.Body, jobs: Iterable[Obj], pods: Iterable[Obj], now: datetime
+        self,
+        body: kopf.Body,
+        jobs: Iterable[Obj],
+        pods: Iterable[Obj],
+        now: datetime,
+        unless_within: float | None = None,
     ) -> None:
+        """Reconcile one FineTuneJob. With `unless_within` (the timer's safety-net call), skip
+        it when another reconcile runs now or finished less than that many seconds ago."""
         uid = body["metadata"]["uid"]
         state = self.state(uid)
+        if unless_within is not None:
+            if time.monotonic() - state.reconciled_at < unless_within:
+                return
+            if not state.lock.acquire(blocking=False):
+                return  # one is running; it sees what this one would
+        else:
+            state.lock.acquire()
         started = time.monotonic()
-        with state.lock:
-            try:
-                self._reconcile(body, state, list(jobs), list(pods), now)
-            except Exception:
-                self.config.metrics.reconciles.labels(result="error").inc()
-                raise
-            finally:
-                self.config.metrics.reconcile_time.observe(time.monotonic() - started)
-            self.config.metrics.reconciles.labels(result="success").inc()
+        try:
+            self._reconcile(body, state, list(jobs), list(pods), now)
+        except Exception:
+            self.config.metrics.reconciles.labels(result="error").inc()
+            raise
+        finally:
+            state.reconciled_at = time.monotonic()
+            state.lock.release()
+            self.config.metrics.reconcile_time.observe(state.reconciled_at - started)
+        self.config.metrics.reconciles.labels(result="success").inc()
 
     def _reconcile(
         self, body: kopf.Body, state: _State, jobs: list[Obj], pods: list[Obj], now: datetime
@@ -122,6 +148,7 @@ class Reconciler:
 
         run = _choose_run(job, token, previous)
         base = ch.base_name(run)
+        jobs = _with_created(state, jobs)
         mine = [j for j in jobs if j["metadata"].get("labels", {}).get(ch.RUN_LABEL) == base]
         stale = [j for j in jobs if j not in mine]
         policy = job.spec.run_policy
@@ -141,6 +168,7 @@ class Reconciler:
         attempt = st.next_attempt(observed, previous)
         if attempt is not None and attempt != observed.attempt:
             created = self._create_run(job, owner, run, attempt, token)
+            state.created[created["metadata"]["name"]] = (time.monotonic(), created)
             observed = _with_job(observed, created)
         latest = observed.latest
         if latest is not None:
@@ -301,6 +329,17 @@ def _choose_run(job: Any, token: str | None, previous: Obj) -> str:
     return ch.run_id(job.name, job.spec, token)
 
 
+def _with_created(state: _State, jobs: list[Obj]) -> list[Obj]:
+    """The index's Jobs plus those created here that it does not show yet (for a while: one
+    deleted before the watch caught up must not be remembered for ever)."""
+    seen = {j["metadata"]["name"] for j in jobs}
+    expired = time.monotonic() - CREATED_GRACE
+    for name, (when, _) in list(state.created.items()):
+        if name in seen or when < expired:
+            del state.created[name]
+    return jobs + [body for _, body in state.created.values()]
+
+
 def _with_job(observed: st.Observed, job: Obj) -> st.Observed:
     name = job["metadata"]["name"]
     jobs = [j for j in observed.jobs if j["metadata"]["name"] != name] + [job]
@@ -334,6 +373,30 @@ def _metrics_url(pods: list[Obj]) -> str | None:
     return None
 
 
+def _slim(body: Mapping[str, Any]) -> Obj:
+    """What status needs of a Job or pod, for the index: names, labels, annotations, the
+    suspend flag, the containers' ports and the status. Whole bodies (pod templates, managed
+    fields) would cost the operator hundreds of megabytes with a few hundred jobs."""
+    meta = body["metadata"]
+    spec = body.get("spec") or {}
+    slim: Obj = {
+        "metadata": {
+            k: copy.deepcopy(meta[k]) for k in ("name", "namespace", "labels", "annotations")
+            if k in meta
+        },
+        "spec": {},
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }  # fmt: skip
+    if "suspend" in spec:
+        slim["spec"]["suspend"] = spec["suspend"]
+    if "containers" in spec:
+        slim["spec"]["containers"] = [
+            {"name": c.get("name"), "ports": copy.deepcopy(c.get("ports") or [])}
+            for c in spec["containers"]
+        ]
+    return slim
+
+
 def _create(call: Any) -> bool:
     """Create; True if this call created it, False if it already existed (HTTP 409)."""
     try:
@@ -362,12 +425,14 @@ def _parse_time(text: str | None) -> datetime | None:
 def _api_client() -> client.ApiClient:
     from kubernetes import config
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        api: client.ApiClient = config.new_client_from_config()  # type: ignore[no-untyped-call]
-        return api
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    # A pool smaller than the threads discards connections (new TLS handshakes each time).
+    configuration.connection_pool_maxsize = WORKERS
+    return client.ApiClient(configuration)
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -381,8 +446,12 @@ def build_registry(config: Config) -> kopf.OperatorRegistry:
     children = {ch.JOB_LABEL: kopf.PRESENT}
 
     def configure(**kwargs: Any) -> None:
+        # The client imports its API modules on first use: CoreV1Api is 4 MB of Python,
+        # seconds of compiling that would otherwise land in the first reconciles.
+        for api in (client.CoreV1Api, client.BatchV1Api, client.CustomObjectsApi):
+            api(reconciler.api)
         settings: kopf.OperatorSettings = kwargs["settings"]
-        settings.persistence.finalizer = f"{PREFIX}/finalizer"
+        settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=PREFIX, key="last-handled-configuration"
@@ -391,21 +460,43 @@ def build_registry(config: Config) -> kopf.OperatorRegistry:
         # Reconnect a watch now and then: a silently dead connection cannot stall us long.
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # Reconciles are threads that mostly wait on the API server; one connection each.
+        settings.execution.max_workers = WORKERS
 
-    def index_children(**kwargs: Any) -> Any:
+    async def index_children(**kwargs: Any) -> Any:
+        # async: it runs on kopf's event loop at once, never queued in the thread pool
+        # behind reconciles that wait on the API server.
         key = (kwargs["namespace"], kwargs["labels"][ch.JOB_LABEL])
-        return {key: copy.deepcopy(dict(kwargs["body"]))}
+        return {key: _slim(kwargs["body"])}
 
-    def reconcile(**kwargs: Any) -> None:
+    def reconcile(unless_within: float | None = None, **kwargs: Any) -> None:
         body: kopf.Body = kwargs["body"]
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         jobs = list(kwargs["index_jobs"].get(key, []))
         pods = list(kwargs["index_pods"].get(key, []))
-        reconciler.reconcile(body, jobs, pods, datetime.now(UTC))
+        reconciler.reconcile(body, jobs, pods, datetime.now(UTC), unless_within)
 
-    def deleted(**kwargs: Any) -> None:
-        # Children go by garbage collection (owner references); outputs stay.
-        reconciler.forget(kwargs["body"]["metadata"]["uid"])
+    def tick(**kwargs: Any) -> None:
+        # The safety net: not needed right after an event's reconcile (half an interval).
+        reconcile(unless_within=config.reconcile_interval / 2, **kwargs)
+
+    def react(**kwargs: Any) -> None:
+        """Every watch event of a FineTuneJob (including the initial listing after a restart)
+        reconciles it. An event handler, not create/update/resume ones: those make kopf write
+        a diff-base annotation after each change, a write per job that a level-triggered
+        reconcile does not need."""
+        body: kopf.Body = kwargs["body"]
+        meta = body["metadata"]
+        if kwargs.get("type") == "DELETED":
+            # Children go by garbage collection (owner references); outputs stay.
+            reconciler.forget(meta["uid"])
+        elif meta.get("deletionTimestamp"):
+            return
+        elif FINALIZER in (meta.get("finalizers") or []):
+            reconcile(**kwargs)
+        # else: kopf adds its finalizer (for the timer) right after this handler, with a
+        # resourceVersion precondition that a status write now would break (a conflict, and
+        # a second PATCH); the finalizer's own watch event brings us back here.
 
     kopf.on.startup(registry=registry)(configure)
     kopf.on.login(registry=registry)(kopf.login_via_client)
@@ -415,11 +506,8 @@ def build_registry(config: Config) -> kopf.OperatorRegistry:
     kopf.index("", "v1", "pods", labels=children, registry=registry, id="index_pods")(
         index_children
     )
-    kopf.on.resume(*resource, registry=registry, id="reconcile-resume")(reconcile)
-    kopf.on.create(*resource, registry=registry, id="reconcile-create")(reconcile)
-    kopf.on.update(*resource, registry=registry, id="reconcile-update")(reconcile)
+    kopf.on.event(*resource, registry=registry, id="react")(react)
     kopf.timer(*resource, interval=config.reconcile_interval, registry=registry, id="reconcile")(
-        reconcile
+        tick
     )
-    kopf.on.delete(*resource, registry=registry, optional=True, id="forget")(deleted)
     return registry
