@@ -65,12 +65,14 @@ class Operator:
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    run_locally: bool = True
+    """Label the training pods for the pod runner (False: kwok plays them, Succeeded at once)."""
 
     def start(self) -> Operator:
         argv = [
             KUBETUNE, "operator", "--namespace", self.namespace,
             "--metrics-port", str(self.metrics_port), "--health-port", str(free_port()),
-            "--pod-label", "kubetune.io/run-locally=true",
+            *(["--pod-label", "kubetune.io/run-locally=true"] if self.run_locally else []),
             # All pods share loopback here, and other tests run beside us: no fixed ports.
             "--trainer-metrics-port", str(free_port()), "--rendezvous-port", str(free_port()),
             "--reconcile-interval", "2", "--status-interval", "1", "--verbose", *self.extra,
@@ -110,6 +112,19 @@ def operator(
     cluster_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
 ) -> Iterator[Operator]:
     running = Operator(cluster_kubeconfig, cluster_namespace, tmp_path / "operator.log").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def kwok_operator(
+    cluster_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
+) -> Iterator[Operator]:
+    """The operator with its training pods left to kwok's GPU nodes: Running and, being owned
+    by a Job, Succeeded at once, so a run takes seconds (for what does not need a trainer)."""
+    running = Operator(
+        cluster_kubeconfig, cluster_namespace, tmp_path / "operator.log", run_locally=False
+    ).start()
     yield running
     running.stop()
 
