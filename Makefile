@@ -32,7 +32,7 @@ cluster-bins:
 	bash tests/cluster/go/build.sh
 
 test: venv lint typecheck cluster-bins
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Trains SmolLM2-135M-Instruct on this machine (CPU: a few minutes) and logs what it answered
 # before and after; each run gets its own directory under outputs/.
