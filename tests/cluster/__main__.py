@@ -52,6 +52,9 @@ def serve(state_dir: Path) -> int:
     """Runs the cluster in this process until SIGTERM/SIGINT; writes state.json when ready."""
     from tests.cluster.harness import LocalCluster
 
+    # A background job of a non-interactive shell (CI, `cmd &`) starts with SIGINT ignored,
+    # and Python then never raises KeyboardInterrupt: restore Ctrl-C explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state_dir.mkdir(parents=True, exist_ok=True)
     work = state_dir / "cluster"
