@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.cluster.procs import wait_until
+from tests.cluster.crd import install_crd
 
 pytestmark = pytest.mark.cluster
 
@@ -28,30 +28,7 @@ MERGE_PATCH = "application/merge-patch+json"
 @pytest.fixture(scope="module")
 def ftj_crd(cluster_api: client.ApiClient) -> Iterator[str]:
     """Installs crds/finetunejob.yaml and waits for Established (and for it to be served)."""
-    ext = client.ApiextensionsV1Api(cluster_api)
-    manifest = yaml.safe_load(CRD.read_text())
-    name = manifest["metadata"]["name"]
-    try:
-        ext.create_custom_resource_definition(manifest)
-    except client.ApiException as exc:
-        if exc.status != 409:
-            raise
-
-    def established() -> bool:
-        crd = ext.read_custom_resource_definition(name)
-        return any(
-            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
-        )
-
-    wait_until(f"CRD {name} Established", established, 60)
-    objects = client.CustomObjectsApi(cluster_api)
-    # Established can precede discovery by a moment; a list call proves the resource is served.
-    wait_until(
-        "finetunejobs served",
-        lambda: objects.list_cluster_custom_object(GROUP, VERSION, PLURAL) or True,
-        30,
-    )
-    yield name
+    yield install_crd(cluster_api, CRD)
 
 
 def quickstart() -> dict[str, Any]:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 
-from tests.cluster.procs import free_port, wait_until
+from tests.cluster.crd import install_crd
+from tests.cluster.procs import free_port
 from tests.tiny import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,33 +26,8 @@ GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 @pytest.fixture(scope="session")
 def ftj_crd_installed(cluster_api: client.ApiClient) -> str:
-    """crds/finetunejob.yaml applied (created, or replaced when an older copy is there)."""
-    ext = client.ApiextensionsV1Api(cluster_api)
-    manifest = yaml.safe_load((REPO / "crds" / "finetunejob.yaml").read_text())
-    name = manifest["metadata"]["name"]
-    try:
-        ext.create_custom_resource_definition(manifest)
-    except client.ApiException as exc:
-        if exc.status != 409:
-            raise
-        current = ext.read_custom_resource_definition(name)
-        manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
-        ext.replace_custom_resource_definition(name, manifest)
-
-    def established() -> bool:
-        crd = ext.read_custom_resource_definition(name)
-        return any(
-            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
-        )
-
-    wait_until(f"CRD {name} Established", established, 60)
-    objects = client.CustomObjectsApi(cluster_api)
-    wait_until(
-        "finetunejobs served",
-        lambda: objects.list_cluster_custom_object(GROUP, VERSION, PLURAL) or True,
-        30,
-    )
-    return str(name)
+    """crds/finetunejob.yaml applied and served."""
+    return install_crd(cluster_api, REPO / "crds" / "finetunejob.yaml")
 
 
 @dataclass
