@@ -9,6 +9,7 @@ from typing import Any
 
 from kubetune.controller import children as ch
 from kubetune.controller import status as st
+from kubetune.controller.progress import Progress
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 RUN = "quickstart-1234abcd"
@@ -64,7 +65,7 @@ def test_no_job_yet_is_pending_and_reconciling() -> None:
 
 
 def test_running_pods_make_it_ready_with_progress() -> None:
-    progress = st.Progress(step=5, total_steps=20, loss=1.25, eta_seconds=3725, epoch=0.5)
+    progress = Progress(step=5, total_steps=20, loss=1.25, eta_seconds=3725, epoch=0.5)
     seen = observed(jobs=[batch_job()], pods=[pod()], progress=progress)
     status, _ = st.compute(seen, {}, NOW)
     assert status["phase"] == "Running"
@@ -135,7 +136,7 @@ def test_success_records_history_outputs_and_final_numbers() -> None:
     assert status["runs"] == [
         {"id": RUN, "generation": 1, "phase": "Succeeded", "startedAt": "2025-01-02T03:04:05Z",
          "finishedAt": "2025-01-02T03:04:05Z", "outputPath": f"quickstart/{RUN}",
-         "finalLoss": 0.5}
+         "finalLoss": 0.5, "outputs": status["outputs"]}
     ]  # fmt: skip
     # Level-triggered: the same objects give the same status, and a finished run whose Job is
     # gone is not started again.
@@ -187,7 +188,7 @@ def test_transition_time_is_kept_while_a_condition_holds() -> None:
 
 def test_progress_only_changes_are_recognised_for_coalescing() -> None:
     def at(step: int) -> st.Observed:
-        progress = st.Progress(step=step, total_steps=9)
+        progress = Progress(step=step, total_steps=9)
         return observed(jobs=[batch_job()], pods=[pod()], progress=progress)
 
     one, _ = st.compute(at(1), {}, NOW)
@@ -196,25 +197,71 @@ def test_progress_only_changes_are_recognised_for_coalescing() -> None:
     assert not st.with_progress_only_changed(one, one)
 
 
-def test_parse_metrics_reads_the_trainer_exposition() -> None:
-    from prometheus_client import generate_latest
-
-    from kubetune.trainer.telemetry import Metrics
-
-    metrics = Metrics()
-    metrics.step.set(7)
-    metrics.total_steps.set(10)
-    metrics.loss.set(0.75)
-    metrics.eta.set(42)
-    metrics.set_phase("training")
-    progress = st.parse_metrics(generate_latest(metrics.registry).decode())
-    assert progress == st.Progress(step=7, total_steps=10, epoch=0.0, loss=0.75, eval_loss=0.0,
-                                   tokens_per_second=0.0, eta_seconds=42.0,
-                                   trainer_phase="training")  # fmt: skip
+def failed_job(attempt: int, reason: str, at: datetime) -> Obj:
+    job = batch_job(attempt, "Failed", reason)
+    job["status"]["conditions"][0]["lastTransitionTime"] = st.timestamp(at)
+    return job
 
 
-def test_format_eta() -> None:
-    assert st.format_eta(42) == "42s"
-    assert st.format_eta(125) == "2m05s"
-    assert st.format_eta(3725) == "1h02m"
-    assert st.format_eta(None) is None
+def test_exit_2_fails_the_run_at_once_without_a_retry() -> None:
+    rejected = observed(
+        jobs=[failed_job(1, "PodFailurePolicy", NOW)],
+        pods=[pod("Failed", message="error: model.path: no such directory")],
+        now=NOW,
+    )
+    assert st.next_attempt(rejected, {}) is None
+    status, _ = st.compute(rejected, {}, NOW)
+    assert status["phase"] == "Failed"
+    assert conditions(status)["Stalled"] == "True"
+    assert "InvalidInput" in {c["reason"] for c in status["conditions"]}
+    assert "model.path: no such directory" in status["message"]
+
+
+def test_a_retryable_failure_waits_longer_before_each_attempt() -> None:
+    def at(attempt: int, seconds: float) -> st.Observed:
+        return observed(jobs=[failed_job(attempt, "BackoffLimitExceeded", NOW)],
+                        now=NOW + timedelta(seconds=seconds))  # fmt: skip
+
+    # Attempt 1 failed: attempt 2 after 10 s; attempt 2 failed: attempt 3 after 20 s.
+    assert st.next_attempt(at(1, 5), {}) is None
+    assert st.next_attempt(at(1, 10), {}) == 2
+    assert st.next_attempt(at(2, 15), {}) is None
+    assert st.next_attempt(at(2, 20), {}) == 3
+    waiting, _ = st.compute(at(2, 15), {}, NOW)
+    assert waiting["phase"] == "Pending" and "starts in 5s" in waiting["message"]
+    assert conditions(waiting)["Reconciling"] == "True"
+
+
+def test_a_run_superseded_then_current_again_records_its_outcome() -> None:
+    other = "quickstart-99999999"
+    previous = {
+        "currentRun": {"id": other},
+        "runs": [{"id": RUN, "phase": "Superseded", "finishedAt": "2024-01-01T00:00:00Z"}],
+    }
+    done = observed(jobs=[batch_job(1, "Complete")], pods=[pod("Succeeded")], now=NOW)
+    status, _ = st.compute(done, previous, NOW)
+    assert status["phase"] == "Succeeded"
+    phases = {r["id"]: r["phase"] for r in status["runs"]}
+    assert phases == {RUN: "Succeeded", other: "Superseded"}
+    assert status["outputs"]["adapter"] == f"quickstart/{RUN}/adapter"
+
+
+def test_a_revert_to_a_finished_run_reports_that_runs_outputs() -> None:
+    other = "quickstart-99999999"
+    mine = {"adapter": f"quickstart/{RUN}/adapter"}
+    previous = {
+        "currentRun": {"id": other},
+        "outputs": {"adapter": f"quickstart/{other}/adapter", "merged": "x"},
+        "runs": [{"id": RUN, "phase": "Succeeded", "outputs": mine, "finalLoss": 0.25},
+                 {"id": other, "phase": "Succeeded"}],
+    }  # fmt: skip
+    status, _ = st.compute(observed(now=NOW), previous, NOW)
+    assert status["phase"] == "Succeeded"
+    assert status["outputs"] == mine
+    assert status["currentRun"]["loss"] == 0.25
+
+
+def test_a_name_held_by_another_owner_is_reported_and_reconciling() -> None:
+    status, _ = st.compute(observed(blocked="ConfigMap x belongs to another"), {}, NOW)
+    assert status["phase"] == "Pending" and conditions(status)["Reconciling"] == "True"
+    assert "belongs to another" in status["message"]

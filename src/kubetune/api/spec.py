@@ -378,6 +378,9 @@ class RunPolicy(KubeModel):
     """Pause: delete the pods, keep the checkpoints; resume when set back to false."""
     retrain_on_spec_change: bool = True
     """Start a new run when a training-relevant field of the spec changes."""
+    termination_grace_period_seconds: int = Field(default=900, ge=30, le=86400)
+    """Seconds a training pod has to save a checkpoint when it is stopped (preemption,
+    suspend, node drain) before it is killed."""
 
 
 class VolumeSpec(KubeModel):

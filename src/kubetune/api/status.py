@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kubetune.api.base import KubeModel
+from kubetune.api.base import FreeForm, KubeModel
 
 Phase = Literal["Pending", "Queued", "Running", "Merging", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[Phase, ...] = (
@@ -54,6 +54,16 @@ class CurrentRun(KubeModel):
     """Estimated time left, e.g. `1h02m`."""
     retrain_token: str | None = None
     """The `kubetune.io/retrain-token` annotation this run was started with."""
+    spec: FreeForm | None = None
+    """The spec this run was started with, less runPolicy, resources and image (which apply
+    at once); every attempt of the run is rendered from it."""
+
+
+class Outputs(KubeModel):
+    """Paths (within the output volume) of a successful run's models."""
+
+    adapter: str | None = None
+    merged: str | None = None
 
 
 class RunRecord(KubeModel):
@@ -66,13 +76,7 @@ class RunRecord(KubeModel):
     finished_at: str | None = None
     output_path: str | None = None
     final_loss: float | None = None
-
-
-class Outputs(KubeModel):
-    """Paths (within the output volume) of the latest successful run."""
-
-    adapter: str | None = None
-    merged: str | None = None
+    outputs: Outputs | None = None
 
 
 class FineTuneJobStatus(KubeModel):
@@ -84,4 +88,5 @@ class FineTuneJobStatus(KubeModel):
     current_run: CurrentRun | None = None
     runs: list[RunRecord] = Field(default_factory=list, max_length=MAX_RUN_HISTORY)
     outputs: Outputs | None = None
+    """The latest successful run's models."""
     message: str | None = None

@@ -58,7 +58,23 @@ def register(commands: Any) -> None:
         "--reconcile-interval",
         type=float,
         default=10.0,
-        help="seconds between level-triggered reconciles of each job",
+        help="seconds between safety-net reconciles of an unfinished job (events drive the rest)",
+    )
+    parser.add_argument(
+        "--finished-interval",
+        type=float,
+        default=300.0,
+        help="seconds between safety-net reconciles of a Succeeded or Failed job",
+    )
+    parser.add_argument(
+        "--pod-run-as-user",
+        type=int,
+        help="runAsUser/runAsGroup of training pods (default: the image's user)",
+    )
+    parser.add_argument(
+        "--pod-fs-group",
+        type=int,
+        help="fsGroup of training pods, for volumes the image's user cannot write",
     )
     parser.add_argument(
         "--status-interval",
@@ -83,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from kubetune.controller.children import Settings
-    from kubetune.controller.handlers import Config, build_registry
+    from kubetune.controller.handlers import build_registry
+    from kubetune.controller.reconciler import Config
 
     try:
         pod_labels = _labels(args.pod_label)
@@ -94,11 +111,14 @@ def run(args: argparse.Namespace) -> int:
         pod_labels=pod_labels,
         metrics_port=args.trainer_metrics_port,
         master_port=args.rendezvous_port,
+        run_as_user=args.pod_run_as_user,
+        fs_group=args.pod_fs_group,
         **({"trainer_image": args.trainer_image} if args.trainer_image else {}),
     )
     config = Config(
         settings=settings,
         reconcile_interval=args.reconcile_interval,
+        finished_interval=args.finished_interval,
         status_interval=args.status_interval,
     )
     log_format = {

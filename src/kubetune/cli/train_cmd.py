@@ -28,6 +28,13 @@ def register(commands: Any) -> None:
         type=Path,
         help="write the final JSON summary here too (default /dev/termination-log if it exists)",
     )
+    parser.add_argument(
+        "--if-finished",
+        choices=("fail", "reuse"),
+        default="fail",
+        help="when the run's directory already holds a finished run: fail (exit 2, the "
+        "default) or reuse it (report its summary and exit 0 without training)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -45,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from kubetune.trainer.train import EXIT_PREEMPTED, Preempted, RunOptions, train
 
+    if args.if_finished == "reuse":
+        reused = _finished_summary(args.output_dir, args.run_id or _default_run_id(job))
+        if reused is not None:
+            _terminate(termination_log, reused)
+            return 0
     options = RunOptions(args.output_dir, args.run_id, args.metrics_port, termination_log)
     try:
         summary = train(job, options)
@@ -66,3 +78,31 @@ def _terminate(termination_log: Path | None, text: str) -> None:
     print(f"kubetune summary: {text}", flush=True)
     if termination_log is not None:
         write_termination_message(termination_log, text)
+
+
+def _default_run_id(job: Any) -> str:
+    from kubetune.trainer.layout import run_id_for
+
+    return run_id_for(job.name, job.spec.to_wire())
+
+
+def _finished_summary(output_dir: Path, run_id: str) -> str | None:
+    """The summary of a run already finished in `output_dir`, marked as reused (or None)."""
+    import json
+
+    from kubetune.trainer.layout import RunLayout
+
+    path = RunLayout(output_dir, run_id).final / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("phase") != "Succeeded":
+        return None
+    summary["reused"] = True
+    summary["message"] = f"{path.parent} already holds this finished run; reused, not retrained"
+    summary.pop("durationSeconds", None)
+    text = json.dumps(summary, ensure_ascii=False)
+    if len(text.encode()) > 4096:  # the termination message's limit; keep it valid JSON
+        text = json.dumps({k: summary[k] for k in ("runId", "phase", "reused") if k in summary})
+    return text

@@ -16,7 +16,6 @@ Layout of a run's names (`base` = the run id, hash-shortened to 50 characters):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +46,8 @@ DNS_LABEL_LIMIT = 63
 CONTAINER = "trainer"
 MANIFEST_FILE = "finetunejob.yaml"
 EXIT_PREEMPTED = 75  # the trainer's exit code after saving a checkpoint on SIGTERM
-
-# Spec sections that do not change what is trained: editing them never starts a new run.
-NOT_TRAINING_RELEVANT = ("runPolicy", "resources", "image")
+EXIT_INVALID = 2  # bad spec, data, model or output: no retry can fix it
+HF_TOKEN_ENV = "HF_TOKEN"  # read by huggingface_hub for gated and private repositories
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,11 @@ class Settings:
     master_port: int = 29500
     config_mount: str = "/etc/kubetune"
     output_mount: str = "/output"
-    run_as_user: int = 1000
+    run_as_user: int | None = None
+    """runAsUser/runAsGroup of training pods; None keeps the image's (numeric) user, and lets
+    platforms that assign one per namespace (OpenShift) do so."""
+    fs_group: int | None = None
+    """fsGroup of training pods, for volumes that are not writable by the image's user."""
 
 
 # -- names ---------------------------------------------------------------------------------
@@ -87,20 +89,6 @@ def dns_label(name: str, limit: int = DNS_LABEL_LIMIT) -> str:
     if not name[:1].isalpha():
         name = f"r{name}"
     return shorten(name, limit).rstrip("-")
-
-
-def training_spec(spec: Obj) -> Obj:
-    """The part of a spec (wire form) that decides what is trained."""
-    return {k: v for k, v in spec.items() if k not in NOT_TRAINING_RELEVANT}
-
-
-def run_id(name: str, spec: FineTuneJobSpec, retrain_token: str | None = None) -> str:
-    """Deterministic id of the run that trains `spec`: the same training spec and token give
-    the same id (so a restart finds its run), any training-relevant change a new one."""
-    material = json.dumps(training_spec(spec.to_wire()), sort_keys=True)
-    if retrain_token:
-        material += "\0" + retrain_token
-    return f"{name}-{_digest(material)}"
 
 
 def base_name(run: str) -> str:
@@ -248,6 +236,10 @@ def trainer_command(job: FineTuneJob, run: str, attempt: int, settings: Settings
         str(settings.metrics_port),
         "--termination-log",
         "/dev/termination-log",
+        # A FineTuneJob deleted and created again (or re-applied by GitOps after its TTL)
+        # finds its finished run on the volume: report it instead of training again.
+        "--if-finished",
+        "reuse",
     ]
     if dist.nodes == 1 and dist.gpus_per_node <= 1:
         return train
@@ -324,6 +316,7 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
             },
             {"name": "KUBETUNE_RUN_ID", "value": run},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *_token_env(spec),
         ],
         "ports": [
             {"name": "metrics", "containerPort": settings.metrics_port},
@@ -345,13 +338,8 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
         "restartPolicy": "Never",
         # The trainer never talks to the API server.
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
-            "fsGroup": settings.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(settings),
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         "containers": [container],
         "volumes": volumes,
     }
@@ -371,6 +359,31 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
         pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.image.pull_secrets]
     pod_labels = {**settings.pod_labels, **labels(owner, run), ATTEMPT_LABEL: str(attempt)}
     return {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+
+
+def _pod_security(settings: Settings) -> Obj:
+    """The restricted Pod Security profile; user and fsGroup only where the operator is told
+    to set them (the image's user otherwise)."""
+    context: Obj = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if settings.run_as_user is not None:
+        context["runAsUser"] = context["runAsGroup"] = settings.run_as_user
+    if settings.fs_group is not None:
+        context["fsGroup"] = settings.fs_group
+        context["fsGroupChangePolicy"] = "OnRootMismatch"  # no recursive chown of a model volume
+    return context
+
+
+def _token_env(spec: FineTuneJobSpec) -> list[Obj]:
+    """The Hub token by reference: the pod reads the Secret, the operator never does."""
+    ref = spec.model.token_secret
+    if ref is None:
+        return []
+    return [
+        {
+            "name": HF_TOKEN_ENV,
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+        }
+    ]
 
 
 def batch_job(
@@ -405,6 +418,14 @@ def batch_job(
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
             "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_INVALID],
+                    },
+                },
                 {
                     "action": "Ignore",
                     "onExitCodes": {

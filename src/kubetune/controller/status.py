@@ -8,97 +8,33 @@ so an operator restarted at any moment computes the same answer from the same ob
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from kubetune.api.status import MAX_RUN_HISTORY, Phase
 from kubetune.controller.children import ATTEMPT_LABEL, COMPLETION_INDEX_ANNOTATION, CONTAINER
+from kubetune.controller.progress import Progress, format_eta, parse_summary
 
 Obj = dict[str, Any]
 TERMINAL: tuple[Phase, ...] = ("Succeeded", "Failed")
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended")
-AttemptState = Literal["missing", "suspended", "active", "succeeded", "failed", "deadline"]
+AttemptState = Literal[
+    "missing", "suspended", "active", "succeeded", "failed", "rejected", "deadline"
+]
+RETRY_BASE_SECONDS = 10.0
+RETRY_MAX_SECONDS = 600.0
+"""Delay before attempt n+1: base * 2^(n-1), at most this (Kubernetes Jobs back off alike)."""
 
 
 def timestamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# -- the trainer's progress -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What the rank-0 trainer reports: live from its metrics, or its final summary."""
-
-    step: int | None = None
-    total_steps: int | None = None
-    epoch: float | None = None
-    loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-    trainer_phase: str | None = None
-    """loading, training, evaluating, merging, exporting or done."""
-
-
-def _number(value: float) -> float | None:
-    return None if math.isnan(value) or math.isinf(value) else value
-
-
-def parse_metrics(text: str) -> Progress:
-    """Progress from the trainer's Prometheus text exposition (`kubetune_trainer_*`)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, float] = {}
-    phase = None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "kubetune_trainer_phase":
-                if sample.value == 1:
-                    phase = sample.labels.get("phase")
-            elif sample.name.startswith("kubetune_trainer_"):
-                number = _number(sample.value)
-                if number is not None:
-                    values[sample.name.removeprefix("kubetune_trainer_")] = number
-    step, total = values.get("step"), values.get("total_steps")
-    return Progress(
-        step=int(step) if step is not None else None,
-        total_steps=int(total) if total else None,
-        epoch=values.get("epoch"),
-        loss=values.get("loss"),
-        eval_loss=values.get("eval_loss"),
-        tokens_per_second=values.get("tokens_per_second"),
-        eta_seconds=values.get("eta_seconds"),
-        trainer_phase=phase,
-    )
-
-
-def parse_summary(message: str | None) -> Obj | None:
-    """The trainer's final JSON summary from a termination message (None if it is not one)."""
-    if not message:
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
         return None
-    try:
-        data = json.loads(message)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and "runId" in data else None
-
-
-def format_eta(seconds: float | None) -> str | None:
-    if seconds is None or seconds < 0:
-        return None
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 # -- reading the children -----------------------------------------------------------------------
@@ -126,7 +62,12 @@ def job_state(job: Obj | None) -> AttemptState:
     if true("Complete"):
         return "succeeded"
     if true("Failed"):
-        return "deadline" if conditions["Failed"].get("reason") == "DeadlineExceeded" else "failed"
+        reason = conditions["Failed"].get("reason")
+        if reason == "DeadlineExceeded":
+            return "deadline"
+        # The pod failure policy's FailJob rule: the trainer exited 2 (bad spec, data, model
+        # or output), which no retry can fix.
+        return "rejected" if reason == "PodFailurePolicy" else "failed"
     if (job.get("spec") or {}).get("suspend") and not (job.get("status") or {}).get("active"):
         return "suspended"
     return "active"
@@ -173,6 +114,9 @@ class Observed:
     """The run id the spec asks for now."""
     output_path: str
     """The run's directory relative to the output volume."""
+    now: datetime | None = None
+    run_spec: Obj | None = None
+    """What the run records of the spec (see runs.py)."""
     backoff_limit: int = 3
     suspend: bool = False
     merge: bool = True
@@ -183,6 +127,8 @@ class Observed:
     """The pods of the latest attempt."""
     progress: Progress | None = None
     spec_error: str | None = None
+    blocked: str | None = None
+    """Why a child could not be created (its name held by another owner's object)."""
 
     @property
     def latest(self) -> Obj | None:
@@ -203,6 +149,16 @@ def finished_phase(previous: Obj, run: str) -> Phase | None:
     return None
 
 
+def retry_in(observed: Observed) -> float:
+    """Seconds until the next attempt may start after a failed one (0: now)."""
+    failed = _conditions(observed.latest or {}).get("Failed", {})
+    since = parse_time(failed.get("lastTransitionTime"))
+    if since is None or observed.now is None:
+        return 0.0
+    delay = min(RETRY_BASE_SECONDS * 2.0 ** max(observed.attempt - 1, 0), RETRY_MAX_SECONDS)
+    return max(0.0, delay - (observed.now - since).total_seconds())
+
+
 def next_attempt(observed: Observed, previous: Obj) -> int | None:
     """The attempt whose Job must exist now, or None when the run needs no (new) Job."""
     if observed.spec_error or finished_phase(previous, observed.run):
@@ -211,8 +167,8 @@ def next_attempt(observed: Observed, previous: Obj) -> int | None:
     if state == "missing":
         return 1
     if state == "failed" and observed.attempt <= observed.backoff_limit:
-        return observed.attempt + 1
-    if state in ("succeeded", "failed", "deadline"):
+        return observed.attempt + 1 if retry_in(observed) == 0 else None
+    if state in ("succeeded", "failed", "rejected", "deadline"):
         return None
     return observed.attempt
 
@@ -231,6 +187,8 @@ class Verdict:
 def verdict(observed: Observed, previous: Obj) -> Verdict:
     if observed.spec_error:
         return Verdict("Failed", "InvalidSpec", observed.spec_error)
+    if observed.blocked:
+        return Verdict("Pending", "ChildNameTaken", observed.blocked, True)
     done = finished_phase(previous, observed.run)
     latest = observed.latest
     state = job_state(latest)
@@ -242,6 +200,13 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         return Verdict("Succeeded", "TrainingSucceeded", f"run {observed.run} succeeded")
     if state == "deadline":
         return Verdict("Failed", "DeadlineExceeded", f"run {observed.run}: {_deadline(latest)}")
+    if state == "rejected":
+        return Verdict(
+            "Failed",
+            "InvalidInput",
+            f"run {observed.run} stopped, not retried (bad spec, data, model or output): "
+            f"{last_words}",
+        )
     if state == "failed":
         if observed.attempt > observed.backoff_limit:
             return Verdict(
@@ -249,8 +214,10 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
                 "BackoffLimitExceeded",
                 f"run {observed.run} failed after {observed.attempt} attempts: {last_words}",
             )
+        wait = retry_in(observed)
+        when = f"in {format_eta(wait)}" if wait > 0 else "now"
         return Verdict(
-            "Pending", "Retrying", f"{attempts} failed, starting the next: {last_words}", True
+            "Pending", "Retrying", f"{attempts} failed, the next starts {when}: {last_words}", True
         )
     if state == "missing":
         return Verdict("Pending", "Creating", f"creating the Job of run {observed.run}", True)
@@ -317,14 +284,19 @@ def conditions(previous: list[Obj], verdict: Verdict, generation: int, now: date
 def _current_run(observed: Observed, previous: Obj, verdict: Verdict, now: datetime) -> Obj:
     old = previous.get("currentRun") or {}
     same = old.get("id") == observed.run
+    earlier: Obj = next((r for r in previous.get("runs") or [] if r.get("id") == observed.run), {})
     run: Obj = {
         "id": observed.run,
         "attempt": max(observed.attempt, 1),
         "generation": old.get("generation") if same else observed.generation,
-        "startedAt": old.get("startedAt") if same else timestamp(now),
+        "startedAt": old.get("startedAt") if same else earlier.get("startedAt", timestamp(now)),
     }
     if observed.retrain_token:
         run["retrainToken"] = observed.retrain_token
+    if observed.run_spec is not None:
+        run["spec"] = observed.run_spec
+    if not same and "finalLoss" in earlier:
+        run["loss"] = earlier["finalLoss"]  # a revert to a finished run shows its result
     # Keep the last numbers seen when the trainer is not reachable this time.
     for key in ("step", "totalSteps", "progress", "epoch", "loss", "evalLoss"):
         if same and key in old:
@@ -357,7 +329,9 @@ def _current_run(observed: Observed, previous: Obj, verdict: Verdict, now: datet
     return run
 
 
-def _record(run: Obj, phase: str, output_path: str | None, now: datetime) -> Obj:
+def _record(
+    run: Obj, phase: str, output_path: str | None, now: datetime, outputs: Obj | None = None
+) -> Obj:
     record = {
         "id": run["id"],
         "generation": run.get("generation"),
@@ -366,6 +340,7 @@ def _record(run: Obj, phase: str, output_path: str | None, now: datetime) -> Obj
         "finishedAt": timestamp(now),
         "outputPath": output_path,
         "finalLoss": run.get("loss"),
+        "outputs": outputs,
     }
     return {k: v for k, v in record.items() if v is not None}
 
@@ -382,7 +357,12 @@ class Transition:
 def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list[Transition]]:
     """The new status (full; lists whole) and the Events that go with the change."""
     judged = verdict(observed, previous)
-    runs = [dict(r) for r in previous.get("runs") or []]
+    # The current run has no unfinished record: a run superseded earlier and now current
+    # again (a revert) records its outcome when it finishes.
+    runs = [
+        dict(r) for r in previous.get("runs") or []
+        if r.get("id") != observed.run or r.get("phase") in TERMINAL
+    ]  # fmt: skip
     old_run = previous.get("currentRun") or {}
     events: list[Transition] = []
     if old_run.get("id") and old_run["id"] != observed.run:
@@ -393,11 +373,13 @@ def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list
             Transition("Normal", "NewRun", f"run {observed.run} replaces {old_run['id']}")
         )
     current = _current_run(observed, previous, judged, now)
-    if judged.phase in TERMINAL and judged.reason != "InvalidSpec":
-        recorded = next((r for r in runs if r.get("id") == observed.run), None)
+    recorded = next((r for r in runs if r.get("id") == observed.run), None)
+    outputs = None
+    if judged.phase == "Succeeded":
+        outputs = (recorded or {}).get("outputs") or _outputs(observed)
+    if judged.phase in TERMINAL and judged.reason != "InvalidSpec" and recorded is None:
         path = observed.output_path if judged.phase == "Succeeded" else None
-        if recorded is None:
-            runs.append(_record(current, judged.phase, path, now))
+        runs.append(_record(current, judged.phase, path, now, outputs))
     runs = runs[-MAX_RUN_HISTORY:]
     status: Obj = {
         "phase": judged.phase,
@@ -409,8 +391,8 @@ def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list
         "runs": runs,
         "message": judged.message,
     }
-    if judged.phase == "Succeeded":
-        status["outputs"] = _outputs(observed, previous)
+    if outputs:
+        status["outputs"] = outputs
     elif previous.get("outputs"):
         status["outputs"] = previous["outputs"]  # the latest successful run's, still valid
     if previous.get("phase") != judged.phase:
@@ -419,11 +401,10 @@ def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list
     return status, events
 
 
-def _outputs(observed: Observed, previous: Obj) -> Obj:
+def _outputs(observed: Observed) -> Obj:
+    """The succeeded run's outputs: what its summary lists, else what its spec asked for."""
     summary = parse_summary(termination_message(observed.pods))
     produced = set((summary or {}).get("outputs") or {}) or {"adapter", "merged"}
-    if summary is None and previous.get("outputs") and finished_phase(previous, observed.run):
-        return dict(previous["outputs"])
     outputs = {name: f"{observed.output_path}/{name}" for name in ("adapter", "merged")}
     return {k: v for k, v in outputs.items() if k in produced and (k != "merged" or observed.merge)}
 
@@ -442,13 +423,9 @@ def with_progress_only_changed(old: Obj, new: Obj) -> bool:
 
 __all__ = [
     "Observed",
-    "Progress",
     "Transition",
     "Verdict",
     "compute",
-    "format_eta",
     "next_attempt",
-    "parse_metrics",
-    "parse_summary",
     "with_progress_only_changed",
 ]
