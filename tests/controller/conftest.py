@@ -40,12 +40,14 @@ class Operator:
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=lambda: [KUBETUNE])
+    """How to start `kubetune` (a test may start a patched one, e.g. a simulated upgrade)."""
     run_locally: bool = True
     """Label the training pods for the pod runner (False: kwok plays them, Succeeded at once)."""
 
     def start(self) -> Operator:
         argv = [
-            KUBETUNE, "operator", "--namespace", self.namespace,
+            *self.command, "operator", "--namespace", self.namespace,
             "--metrics-port", str(self.metrics_port), "--health-port", str(free_port()),
             *(["--pod-label", "kubetune.io/run-locally=true"] if self.run_locally else []),
             # All pods share loopback here, and other tests run beside us: no fixed ports.

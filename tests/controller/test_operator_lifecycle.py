@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -125,20 +126,28 @@ def test_restart_noop_change_retrain_and_delete(
     assert digest(run1_dir) == before
 
 
-def test_always_failing_job_ends_failed_with_the_trainers_message(
+def test_a_bad_input_fails_the_run_at_once_with_the_trainers_message(
     cluster_api: client.ApiClient, cluster_namespace: str, operator: Operator, tiny_model: Path
 ) -> None:
+    """The trainer exits 2 (here: no such model): the pod failure policy fails the Job and the
+    operator fails the run at once; no attempt is spent on what no retry can fix."""
     ns, name = cluster_namespace, "broken"
     missing = str(tiny_model.parent / "no-such-model")
-    changes = {"spec": {"model": {"path": missing}, "runPolicy": {"backoffLimit": 1}}}
+    changes = {"spec": {"model": {"path": missing}, "runPolicy": {"backoffLimit": 3}}}
     create(cluster_api, ns, quickstart(tiny_model, name, changes))
     status = wait_phase(cluster_api, ns, name, "Failed", operator, 240)["status"]
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Stalled"]["status"] == "True"
-    assert conditions["Failed"]["reason"] == "BackoffLimitExceeded"
-    assert status["currentRun"]["attempt"] == 2
+    assert conditions["Failed"]["reason"] == "InvalidInput"
+    assert status["currentRun"]["attempt"] == 1
     assert "no-such-model" in status["message"], status["message"]
-    assert len(labelled(cluster_api, ns, name)["jobs"]) == 2
+    time.sleep(3)  # no second attempt follows
+    assert len(labelled(cluster_api, ns, name)["jobs"]) == 1
+    job = client.BatchV1Api(cluster_api).read_namespaced_job(
+        ch.job_name(status["currentRun"]["id"], 1), ns
+    )
+    failed = next(c for c in job.status.conditions if c.type == "Failed")
+    assert failed.reason == "PodFailurePolicy"
 
 
 def test_killed_pod_fails_the_attempt_and_the_next_resumes_from_the_checkpoint(

@@ -197,6 +197,9 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
     attempts = f"attempt {observed.attempt} of {observed.backoff_limit + 1}"
     last_words = _last_words(observed.pods)
     if state == "succeeded":
+        summary = parse_summary(termination_message(observed.pods)) or {}
+        if summary.get("reused"):  # a re-created FineTuneJob found its finished run
+            return Verdict("Succeeded", "OutputReused", f"run {observed.run}: {summary['message']}")
         return Verdict("Succeeded", "TrainingSucceeded", f"run {observed.run} succeeded")
     if state == "deadline":
         return Verdict("Failed", "DeadlineExceeded", f"run {observed.run}: {_deadline(latest)}")
