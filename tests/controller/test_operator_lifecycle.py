@@ -60,6 +60,9 @@ def test_restart_noop_change_retrain_and_delete(
         "jobs": [f"{base1}-1"], "services": [base1], "configmaps": [base1]
     }  # fmt: skip
     assert status["currentRun"]["attempt"] == 1
+    # Read back from the API server: exactly the final status, no live numbers left over.
+    assert "eta" not in status["currentRun"] and "tokensPerSecond" not in status["currentRun"]
+    assert set(status["outputs"]) == {"adapter", "merged"}
 
     assert cluster.runner is not None
     volume = cluster.runner.claim_dir(ns, ch.output_claim_name(name))
@@ -78,20 +81,28 @@ def test_restart_noop_change_retrain_and_delete(
     assert status["phase"] == "Succeeded" and status["currentRun"]["id"] == run1
     assert labelled(cluster_api, ns, name)["jobs"] == [f"{base1}-1"]
 
-    # A training change: run 2, its own directory; run 1's output untouched.
-    patch_spec(cluster_api, ns, name, {"training": {"learningRate": 5.0e-4}})
-    wait_until(
+    # A training change, and no merge this time: run 2, its own directory; run 1's output
+    # untouched; run 1's numbers and merged model never shown as run 2's.
+    patch_spec(cluster_api, ns, name, {"training": {"learningRate": 5.0e-4},
+                                       "output": {"merge": False}})  # fmt: skip
+    first_of_run2 = wait_until(
         "run 2",
-        lambda: ftj(cluster_api, ns, name)["status"]["currentRun"]["id"] != run1,
+        lambda: (lambda s: s if s["currentRun"]["id"] != run1 else None)(
+            ftj(cluster_api, ns, name)["status"]
+        ),
         30,
+        interval=0.1,
         alive=operator.alive,
     )
+    assert "step" not in first_of_run2["currentRun"], first_of_run2["currentRun"]
     status = wait_phase(cluster_api, ns, name, "Succeeded", operator, 300)["status"]
     run2 = status["currentRun"]["id"]
     assert status["currentRun"]["generation"] == 3
     assert [r["id"] for r in status["runs"]] == [run1, run2]
     assert status["runs"][1]["outputPath"] == f"{name}/{run2}"
-    assert (volume / name / run2 / "merged" / "config.json").exists()
+    assert status["outputs"] == {"adapter": f"{name}/{run2}/adapter"}
+    assert not (volume / name / run2 / "merged").exists()
+    assert (volume / name / run2 / "adapter" / "adapter_config.json").exists()
     assert digest(run1_dir) == before
     base2 = ch.base_name(run2)
     wait_until(

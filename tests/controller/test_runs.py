@@ -128,3 +128,29 @@ def test_a_revert_returns_to_the_earlier_run_id() -> None:
     on_b = {"observedGeneration": 2, "currentRun": {"id": to_b.id, "spec": to_b.spec}}
     back = runs.choose("qs", a, 3, None, on_b)
     assert back.new and back.id == on_a["currentRun"]["id"]
+
+
+def test_an_empty_retrain_token_is_no_token() -> None:
+    previous = started(spec())
+    upgraded = spec({"training": {"newKnob": 7}})  # the stored spec changed without an edit
+    choice = runs.choose("qs", upgraded, 1, "", previous)
+    assert not choice.new and choice.spec == previous["currentRun"]["spec"]
+
+
+def test_defaults_are_compared_filled_in_also_after_a_default_changed() -> None:
+    """The record lacks a field the live spec now carries at its default value (written out
+    by a client, or by a new CRD default): the same training, so the same run."""
+    from tests.controller.upgraded_operator import restore, upgrade
+
+    previous = started(spec())
+    explicit = spec({"training": {"weightDecay": 0.0}, "runPolicy": {"backoffLimit": 5}})
+    assert runs.training_fields(explicit) != runs.training_fields(spec())  # raw: different
+    assert not runs.choose("qs", explicit, 2, None, previous).new
+    upgrade()  # a release whose default weightDecay is 0.1, with a new defaulted field
+    try:
+        written_out = spec({"training": {"weightDecay": 0.1, "upgradeKnob": 7}})
+        assert not runs.choose("qs", written_out, 2, None, previous).new
+        # A real training change is still one.
+        assert runs.choose("qs", spec({"training": {"weightDecay": 0.3}}), 2, None, previous).new
+    finally:
+        restore()

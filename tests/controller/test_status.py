@@ -228,7 +228,7 @@ def test_a_retryable_failure_waits_longer_before_each_attempt() -> None:
     assert st.next_attempt(at(2, 15), {}) is None
     assert st.next_attempt(at(2, 20), {}) == 3
     waiting, _ = st.compute(at(2, 15), {}, NOW)
-    assert waiting["phase"] == "Pending" and "starts in 5s" in waiting["message"]
+    assert waiting["phase"] == "Pending" and "starts at 2025-01-02T03:04:25Z" in waiting["message"]
     assert conditions(waiting)["Reconciling"] == "True"
 
 
@@ -262,6 +262,79 @@ def test_a_revert_to_a_finished_run_reports_that_runs_outputs() -> None:
 
 
 def test_a_name_held_by_another_owner_is_reported_and_reconciling() -> None:
-    status, _ = st.compute(observed(blocked="ConfigMap x belongs to another"), {}, NOW)
+    status, _ = st.compute(
+        observed(blocked=("ChildNameTaken", "ConfigMap x belongs to another")), {}, NOW
+    )
     assert status["phase"] == "Pending" and conditions(status)["Reconciling"] == "True"
     assert "belongs to another" in status["message"]
+
+
+def waiting_pod(reason: str, message: str = "") -> Obj:
+    waiting = pod("Pending")
+    waiting["metadata"]["name"] = "p-0"
+    waiting["status"]["containerStatuses"] = [
+        {"name": ch.CONTAINER, "state": {"waiting": {"reason": reason, "message": message}}}
+    ]
+    return waiting
+
+
+def test_a_container_that_cannot_start_is_reported_with_its_reason() -> None:
+    pulling = observed(jobs=[batch_job()], pods=[waiting_pod("ImagePullBackOff", "no such image")])
+    status, events = st.compute(pulling, {}, NOW)
+    assert status["phase"] == "Pending"
+    assert conditions(status)["Reconciling"] == "True"  # the kubelet keeps trying
+    assert conditions(status)["Stalled"] == "False"
+    assert "ImagePullBackOff" in status["message"] and "no such image" in status["message"]
+    assert ("Warning", "ImagePullBackOff") in {(e.type, e.reason) for e in events}
+
+    secret = observed(jobs=[batch_job()], pods=[waiting_pod("CreateContainerConfigError",
+                                                            'secret "hub" not found')])  # fmt: skip
+    later, events = st.compute(secret, status, NOW)
+    assert conditions(later)["Stalled"] == "True"  # a person must create the Secret
+    assert conditions(later)["Reconciling"] == "False"
+    assert 'secret "hub" not found' in later["message"]
+    assert ("Warning", "CreateContainerConfigError") in {(e.type, e.reason) for e in events}
+
+
+def test_waiting_for_pods_and_for_a_quota_is_reconciling_and_a_rejection_stalls() -> None:
+    pending, _ = st.compute(observed(jobs=[batch_job()], pods=[pod("Pending")]), {}, NOW)
+    assert conditions(pending)["Reconciling"] == "True"
+    quota = observed(blocked=("ExceededQuota", "exceeded quota: jobs"))
+    status, events = st.compute(quota, {}, NOW)
+    assert conditions(status)["Reconciling"] == "True" and conditions(status)["Stalled"] == "False"
+    assert [e.type for e in events] == ["Warning"]
+    rejected, _ = st.compute(observed(blocked=("CreateRejected", "forbidden")), {}, NOW)
+    assert conditions(rejected)["Stalled"] == "True"
+    assert rejected["phase"] == "Pending"
+
+
+def test_a_job_without_pods_for_a_minute_is_reported() -> None:
+    job = batch_job()
+    job["metadata"]["creationTimestamp"] = st.timestamp(NOW)
+    soon, _ = st.compute(observed(jobs=[job], now=NOW + timedelta(seconds=10)), {}, NOW)
+    assert soon["conditions"][0]["reason"] == "PodsPending"
+    late, _ = st.compute(observed(jobs=[job], now=NOW + timedelta(seconds=90)), {}, NOW)
+    assert late["conditions"][0]["reason"] == "PodsNotCreated"
+
+
+def test_bad_input_reported_in_the_summary_is_not_retried_under_torchrun() -> None:
+    summary = json.dumps({"runId": RUN, "phase": "Failed", "message": "no such model",
+                          "invalid": True})  # fmt: skip
+    failed = observed(jobs=[failed_job(1, "BackoffLimitExceeded", NOW)],
+                      pods=[pod("Failed", message=summary)], now=NOW)  # fmt: skip
+    assert st.next_attempt(failed, {}) is None
+    status, _ = st.compute(failed, {}, NOW)
+    assert status["phase"] == "Failed" and "no such model" in status["message"]
+    assert {c["reason"] for c in status["conditions"]} >= {"InvalidInput"}
+
+
+def test_a_failed_run_stays_failed_when_the_backoff_limit_is_raised() -> None:
+    spent = observed(jobs=[failed_job(2, "BackoffLimitExceeded", NOW)], backoff_limit=1, now=NOW)
+    failed, _ = st.compute(spent, {}, NOW)
+    assert failed["phase"] == "Failed"
+    raised = observed(jobs=[failed_job(2, "BackoffLimitExceeded", NOW)], backoff_limit=5,
+                      now=NOW + timedelta(hours=1))  # fmt: skip
+    assert st.next_attempt(raised, failed) is None
+    status, _ = st.compute(raised, failed, NOW)
+    assert status["phase"] == "Failed"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Reconciling"] == "False"

@@ -15,6 +15,12 @@ from kubetune.cli import main
 NEW_FIELD, NEW_DEFAULT = ("upgradeKnob", 7), ("weightDecay", 0.1)
 
 
+_ORIGINAL = (
+    spec.FineTuneJobSpec.model_fields["training"].annotation,
+    spec.FineTuneJobSpec.model_fields["training"].default_factory,
+)
+
+
 def upgrade() -> None:
     released = create_model(  # type: ignore[call-overload]
         "TrainingSpec",
@@ -24,6 +30,13 @@ def upgrade() -> None:
     )
     field = spec.FineTuneJobSpec.model_fields["training"]
     field.annotation, field.default_factory = released, released
+    spec.FineTuneJobSpec.model_rebuild(force=True)
+
+
+def restore() -> None:
+    """Back to this release (for tests that upgrade in their own process)."""
+    field = spec.FineTuneJobSpec.model_fields["training"]
+    field.annotation, field.default_factory = _ORIGINAL
     spec.FineTuneJobSpec.model_rebuild(force=True)
 
 

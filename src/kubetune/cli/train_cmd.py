@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--if-finished",
         choices=("fail", "reuse"),
-        default="fail",
-        help="when the run's directory already holds a finished run: fail (exit 2, the "
-        "default) or reuse it (report its summary and exit 0 without training)",
+        default=os.environ.get("KUBETUNE_IF_FINISHED", "fail"),
+        help="when the run's directory already holds a finished run: fail (exit 2) or reuse "
+        "it (report its summary and exit 0 without training); default $KUBETUNE_IF_FINISHED "
+        "or fail",
     )
     parser.set_defaults(run=run)
 
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         _terminate(termination_log, str(stopped))
         return EXIT_PREEMPTED
     except ValueError as err:  # spec, data, model and output errors: all name the culprit
-        failed = Summary(args.run_id or job.name, phase="Failed", message=str(err))
+        # invalid: the operator fails the run at once, also under torchrun (which exits 1).
+        failed = Summary(args.run_id or job.name, phase="Failed", message=str(err), invalid=True)
         print(f"error: {args.manifest}: {err}", file=sys.stderr)
         failed.write(termination_log)
         return 2

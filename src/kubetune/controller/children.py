@@ -47,6 +47,7 @@ CONTAINER = "trainer"
 MANIFEST_FILE = "finetunejob.yaml"
 EXIT_PREEMPTED = 75  # the trainer's exit code after saving a checkpoint on SIGTERM
 EXIT_INVALID = 2  # bad spec, data, model or output: no retry can fix it
+IF_FINISHED_ENV = "KUBETUNE_IF_FINISHED"  # the default of `kubetune train --if-finished`
 HF_TOKEN_ENV = "HF_TOKEN"  # read by huggingface_hub for gated and private repositories
 
 
@@ -236,10 +237,6 @@ def trainer_command(job: FineTuneJob, run: str, attempt: int, settings: Settings
         str(settings.metrics_port),
         "--termination-log",
         "/dev/termination-log",
-        # A FineTuneJob deleted and created again (or re-applied by GitOps after its TTL)
-        # finds its finished run on the volume: report it instead of training again.
-        "--if-finished",
-        "reuse",
     ]
     if dist.nodes == 1 and dist.gpus_per_node <= 1:
         return train
@@ -316,6 +313,10 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
             },
             {"name": "KUBETUNE_RUN_ID", "value": run},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            # A FineTuneJob deleted and created again (or re-applied by GitOps after its TTL)
+            # finds its finished run on the volume: report it instead of training again. An
+            # environment variable, not a flag: an older trainer image ignores it.
+            {"name": IF_FINISHED_ENV, "value": "reuse"},
             *_token_env(spec),
         ],
         "ports": [
@@ -364,12 +365,17 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
 def _pod_security(settings: Settings) -> Obj:
     """The restricted Pod Security profile; user and fsGroup only where the operator is told
     to set them (the image's user otherwise)."""
-    context: Obj = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    context: Obj = {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        # Also where a platform injects the fsGroup (OpenShift): no recursive chown of a
+        # large model volume at every pod start.
+        "fsGroupChangePolicy": "OnRootMismatch",
+    }
     if settings.run_as_user is not None:
         context["runAsUser"] = context["runAsGroup"] = settings.run_as_user
     if settings.fs_group is not None:
         context["fsGroup"] = settings.fs_group
-        context["fsGroupChangePolicy"] = "OnRootMismatch"  # no recursive chown of a model volume
     return context
 
 

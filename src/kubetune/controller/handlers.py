@@ -19,7 +19,7 @@ import copy
 import logging
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import kopf
@@ -27,7 +27,6 @@ from kubernetes import client
 
 from kubetune.api.spec import GROUP, PLURAL, VERSION
 from kubetune.controller import children as ch
-from kubetune.controller import status as st
 from kubetune.controller.reconciler import Config, Reconciler
 
 Obj = dict[str, Any]
@@ -60,22 +59,22 @@ class SafetyNet:
             while not self._stop.wait(min(self.config.reconcile_interval, 5.0)):
                 if self.indexes is None:
                     continue
-                due = [uid for uid in self._due()]
-                for future in [pool.submit(self._one, uid) for uid in due]:
-                    future.result()
+                try:
+                    futures = [pool.submit(self._one, uid) for uid in self._due()]
+                    # Calls time out (REQUEST_TIMEOUT), so this returns; the bound only keeps
+                    # one slow round from delaying the next for long.
+                    wait(futures, timeout=max(self.config.reconcile_interval, 30.0))
+                except Exception:  # the loop must survive anything one round does
+                    log.exception("safety-net round failed")
 
     def _due(self) -> list[str]:
         due = []
         for body in self.reconciler.known():
             uid = body["metadata"]["uid"]
-            finished = (body.get("status") or {}).get("phase") in st.TERMINAL
-            state = self.reconciler.state(uid)
-            if state.status is not None:
-                finished = state.status.get("phase") in st.TERMINAL
-            interval = self.config.finished_interval if finished else self.config.reconcile_interval
+            interval = self.config.reconcile_interval
             ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-            if finished and ttl is not None:
-                interval = min(interval, max(float(ttl) / 2, self.config.reconcile_interval))
+            if self.reconciler.finished(body) and ttl is None:
+                interval = self.config.finished_interval  # nothing left to do on time
             if self.reconciler.idle_for(uid) >= interval:
                 due.append(uid)
         return due
@@ -93,7 +92,8 @@ def _slim(body: Mapping[str, Any]) -> Obj:
     templates, managed fields) would cost hundreds of megabytes with a few hundred jobs."""
     meta = body["metadata"]
     spec = body.get("spec") or {}
-    keys = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences")
+    keys = ("name", "namespace", "uid", "creationTimestamp", "labels", "annotations",
+            "ownerReferences")  # fmt: skip
     slim: Obj = {
         "metadata": {k: copy.deepcopy(meta[k]) for k in keys if k in meta},
         "spec": {},
@@ -158,8 +158,10 @@ def build_registry(config: Config) -> kopf.OperatorRegistry:
         index_jobs, index_pods = kwargs["index_jobs"], kwargs["index_pods"]
 
         def indexes(namespace: str, name: str) -> tuple[list[Obj], list[Obj]]:
+            # Copies: a reconcile may amend what it read; the index's objects stay kopf's.
             key = (namespace, name)
-            return list(index_jobs.get(key, [])), list(index_pods.get(key, []))
+            jobs = copy.deepcopy(list(index_jobs.get(key, [])))
+            return jobs, copy.deepcopy(list(index_pods.get(key, [])))
 
         net.indexes = indexes
         return indexes
@@ -170,7 +172,7 @@ def build_registry(config: Config) -> kopf.OperatorRegistry:
         meta = body["metadata"]
         if kwargs.get("type") == "DELETED" or meta.get("deletionTimestamp"):
             # Children go by garbage collection (owner references); outputs stay.
-            reconciler.gone(body)
+            reconciler.gone(meta)
             return
         reconciler.seen(_plain(body))
         reconciler.request(meta["uid"], bind(kwargs))

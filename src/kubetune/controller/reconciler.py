@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from kubernetes import client
@@ -29,11 +28,18 @@ from kubetune.controller import runs
 from kubetune.controller import status as st
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.progress import Progress, ScrapeError, parse_metrics, scrape
+from kubetune.controller.sync import (
+    REQUEST_TIMEOUT,
+    ChildConflict,
+    Children,
+    api_client,
+    owned_by,
+    rejection,
+)
 
 Obj = dict[str, Any]
 log = logging.getLogger("kubetune.operator")
 JSON_PATCH = "application/json-patch+json"
-CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"  # set by the Job controller
 CREATED_GRACE = 60.0
 """Seconds a created Job counts as existing before the index shows it."""
 
@@ -73,8 +79,8 @@ class _State:
     reconcile right after the create would create the run's children again (HTTP 409s)."""
 
 
-class ForeignChild(Exception):
-    """A child's name is taken by an object that another owner holds."""
+class Gone(Exception):
+    """The FineTuneJob no longer exists (a 404 on its status)."""
 
 
 Indexes = Callable[[str, str], tuple[list[Obj], list[Obj]]]
@@ -85,6 +91,7 @@ class Reconciler:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._states: dict[str, _State] = {}
+        self._children: Children | None = None
         self._bodies: dict[str, Mapping[str, Any]] = {}
         self._uids: dict[tuple[str, str], str] = {}
         self._guard = threading.Lock()
@@ -95,20 +102,32 @@ class Reconciler:
             self.config.api = api_client()
         return self.config.api
 
-    def state(self, uid: str) -> _State:
-        with self._guard:
-            return self._states.setdefault(uid, _State())
+    @property
+    def children(self) -> Children:
+        if self._children is None:
+            self._children = Children(self.api, self.config.settings, self.config.metrics)
+        return self._children
 
-    def forget(self, uid: str) -> None:
+    def _state(self, uid: str) -> _State | None:
+        """The state of a FineTuneJob still known (None once it is gone: nothing is kept for
+        a deleted object)."""
         with self._guard:
-            self._states.pop(uid, None)
-        self.config.metrics.forget(uid)
+            if uid not in self._bodies:
+                return None
+            return self._states.setdefault(uid, _State())
 
     def idle_for(self, uid: str) -> float:
         """Seconds since this FineTuneJob's last reconcile ended (inf: never)."""
         with self._guard:
             state = self._states.get(uid)
         return float("inf") if state is None else time.monotonic() - state.reconciled_at
+
+    def finished(self, body: Mapping[str, Any]) -> bool:
+        """Succeeded or Failed, by the freshest status known."""
+        with self._guard:
+            state = self._states.get(body["metadata"]["uid"])
+        status = (state.status if state is not None else None) or body.get("status") or {}
+        return status.get("phase") in st.TERMINAL
 
     def seen(self, body: Mapping[str, Any]) -> None:
         """Remember the newest body of a FineTuneJob (from its watch events)."""
@@ -117,13 +136,14 @@ class Reconciler:
             self._bodies[meta["uid"]] = body
             self._uids[(meta["namespace"], meta["name"])] = meta["uid"]
 
-    def gone(self, body: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
+    def gone(self, meta: Mapping[str, Any]) -> None:
+        """Forget a deleted FineTuneJob (its watch event, or a 404 where it was expected)."""
         with self._guard:
             self._bodies.pop(meta["uid"], None)
+            self._states.pop(meta["uid"], None)
             if self._uids.get((meta["namespace"], meta["name"])) == meta["uid"]:
                 del self._uids[(meta["namespace"], meta["name"])]
-        self.forget(meta["uid"])
+            self.config.metrics.forget(meta["uid"])
 
     def uid_of(self, namespace: str, name: str) -> str | None:
         with self._guard:
@@ -137,30 +157,33 @@ class Reconciler:
         """Reconcile the FineTuneJob now; if a reconcile of it is running, make that one run
         once more instead of waiting (a burst of pod events costs one or two reconciles,
         never a blocked worker)."""
-        state = self.state(uid)
-        if not state.lock.acquire(blocking=False):
-            state.dirty = True
+        state = self._state(uid)
+        if state is None:
             return
-        try:
-            while True:
-                state.dirty = False
-                with self._guard:
-                    body = self._bodies.get(uid)
-                if body is None:
-                    return
-                meta = body["metadata"]
-                jobs, pods = indexes(meta["namespace"], meta["name"])
-                self._timed(body, state, jobs, pods)
-                if not state.dirty:
-                    return
-        finally:
-            state.lock.release()
+        # Mark first, then try the lock: a holder that has just seen `dirty` false releases
+        # before our check, so one of us always runs the reconcile this event asked for.
+        state.dirty = True
+        while state.dirty and state.lock.acquire(blocking=False):
+            try:
+                while state.dirty:
+                    state.dirty = False
+                    with self._guard:
+                        body = self._bodies.get(uid)
+                    if body is None:
+                        return
+                    meta = body["metadata"]
+                    jobs, pods = indexes(meta["namespace"], meta["name"])
+                    self._timed(body, state, jobs, pods)
+            finally:
+                state.lock.release()
 
     def reconcile(
         self, body: Mapping[str, Any], jobs: Iterable[Obj], pods: Iterable[Obj], now: datetime
     ) -> None:
         """Reconcile one FineTuneJob with the given children (waits for a running one)."""
-        state = self.state(body["metadata"]["uid"])
+        self.seen(body)
+        state = self._state(body["metadata"]["uid"])
+        assert state is not None
         with state.lock:
             self._timed(body, state, list(jobs), list(pods), now)
 
@@ -175,6 +198,9 @@ class Reconciler:
         started = time.monotonic()
         try:
             self._reconcile(body, state, jobs, pods, now or datetime.now(UTC))
+        except Gone:
+            self.gone(body["metadata"])  # deleted while no DELETED event reached us
+            return
         except Exception:
             self.config.metrics.reconciles.labels(result="error").inc()
             raise
@@ -196,24 +222,23 @@ class Reconciler:
         owner = ch.Owner(name, namespace, meta["uid"])
         previous = copy.deepcopy(state.status or dict(body.get("status") or {}))
         generation = int(meta.get("generation") or 1)
-        token = (meta.get("annotations") or {}).get(ch.RETRAIN_TOKEN_ANNOTATION)
+        # An empty annotation is no token (as an absent one).
+        token = (meta.get("annotations") or {}).get(ch.RETRAIN_TOKEN_ANNOTATION) or None
         live = copy.deepcopy(dict(body["spec"]))
-        choice = runs.choose(name, live, generation, token, previous)
         try:
             validate_object(_document(name, namespace, live))
-            job = validate_object(_document(name, namespace, runs.effective_spec(choice, live)))
         except SpecError as err:
             # The CRD's schema and CEL rules catch nearly all of this at admission; what is
             # left (e.g. an object stored before a stricter CRD) is permanent until edited.
-            observed = st.Observed(
-                generation, choice.id, "", now=now, spec_error=str(err), retrain_token=token
-            )
-            self._write(body, state, previous, observed, now)
+            # The run and its record stay as they were: an invalid spec moves nothing.
+            self._write(body, state, previous, _invalid(previous, name, live, token, err, now), now)
             return
+        choice = runs.choose(name, live, generation, token, previous)
+        job = validate_object(_document(name, namespace, runs.effective_spec(choice, live)))
 
         run = choice.id
         base = ch.base_name(run)
-        owned = [j for j in _with_created(state, jobs) if _owned_by(j, owner.uid)]
+        owned = [j for j in _with_created(state, jobs) if owned_by(j, owner.uid)]
         mine = [j for j in owned if j["metadata"].get("labels", {}).get(ch.RUN_LABEL) == base]
         stale = [j for j in owned if j not in mine]
         policy = job.spec.run_policy
@@ -230,142 +255,31 @@ class Reconciler:
             jobs=mine,
         )
         if stale or (previous.get("currentRun") or {}).get("id") not in (None, run):
-            self._delete_other_runs(owner, base, stale)
+            self.children.delete_other_runs(owner, base, stale)
 
         attempt = st.next_attempt(observed, previous)
         if attempt is not None and attempt != observed.attempt:
             try:
-                created = self._create_run(job, owner, run, attempt, token)
-            except ForeignChild as err:
-                observed = replace(observed, blocked=str(err))
+                created = self.children.create_run(job, owner, run, attempt, token)
+            except ChildConflict as err:
+                observed = replace(observed, blocked=(err.reason, str(err)))
+            except client.ApiException as err:
+                if err.status not in (400, 403, 422):
+                    raise
+                observed = replace(observed, blocked=rejection(err))
             else:
                 state.created[created["metadata"]["name"]] = (time.monotonic(), created)
                 observed = _with_job(observed, created)
         latest = observed.latest
         if latest is not None:
-            self._sync_suspend(job, latest)
-            job_uid = latest["metadata"].get("uid")
-            attempt_pods = [
-                p for p in pods
-                if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID_LABEL) == job_uid
-            ]  # fmt: skip
+            observed = _with_job(observed, self.children.sync_suspend(job, latest))
+            attempt_pods = [p for p in pods if owned_by(p, latest["metadata"].get("uid"))]
             observed = replace(observed, pods=attempt_pods)
             observed = replace(
                 observed, progress=self._progress(state, (run, observed.attempt), attempt_pods)
             )
         status = self._write(body, state, previous, observed, now)
-        self._expire(job, owner, status, now)
-
-    # -- children ----------------------------------------------------------------------------
-
-    def _create_run(
-        self, job: Any, owner: ch.Owner, run: str, attempt: int, token: str | None
-    ) -> Obj:
-        core, batch = client.CoreV1Api(self.api), client.BatchV1Api(self.api)
-        ns = owner.namespace
-        # The client takes plain dicts (typed as its models); Any says so.
-        claim: Any = ch.output_claim(job, owner)
-        if claim is not None:
-            # Never owned: an earlier FineTuneJob's claim of the same name is this one's too.
-            self._create(lambda: core.create_namespaced_persistent_volume_claim(ns, claim))
-        settings = self.config.settings
-        config_map: Any = ch.config_map(job, owner, run)
-        service: Any = ch.service(owner, run, settings)
-        name = config_map["metadata"]["name"]
-        self._create(
-            lambda: core.create_namespaced_config_map(ns, config_map),
-            lambda: core.read_namespaced_config_map(name, ns),
-            owner,
-        )
-        self._create(
-            lambda: core.create_namespaced_service(ns, service),
-            lambda: core.read_namespaced_service(name, ns),
-            owner,
-        )
-        body: Any = ch.batch_job(job, owner, run, attempt, settings, token)
-        job_name = body["metadata"]["name"]
-        created = self._create(
-            lambda: batch.create_namespaced_job(ns, body),
-            lambda: batch.read_namespaced_job(job_name, ns),
-            owner,
-        )
-        if created is not None:
-            kind = "first" if attempt == 1 else "retry"
-            self.config.metrics.attempts.labels(kind=kind).inc()
-            if attempt == 1:
-                self.config.metrics.runs_started.inc()
-            log.info("%s/%s: created Job %s", ns, owner.name, job_name)
-            return created
-        return dict(body)  # ours already (HTTP 409); the index shows it soon
-
-    def _create(
-        self,
-        create: Callable[[], Any],
-        read: Callable[[], Any] | None = None,
-        owner: ch.Owner | None = None,
-    ) -> Obj | None:
-        """Create; the object as created, or None if it already existed (HTTP 409) and is
-        ours. ForeignChild if it exists under another owner (with `read`)."""
-        try:
-            return self._plain(create())
-        except client.ApiException as err:
-            if err.status != 409:
-                raise
-        if read is not None and owner is not None:
-            existing = self._plain(read())
-            if not _owned_by(existing, owner.uid):
-                meta = existing["metadata"]
-                holders = [r.get("uid") for r in meta.get("ownerReferences") or []]
-                raise ForeignChild(
-                    f"{existing.get('kind', 'object')} {meta['name']} already exists and "
-                    f"belongs to {holders or 'no FineTuneJob'}, not to this one (uid "
-                    f"{owner.uid}); waiting for it to be deleted (a FineTuneJob of the same "
-                    "name deleted moments ago leaves its children to garbage collection)"
-                )
-        return None
-
-    def _plain(self, obj: Any) -> Obj:
-        plain: Obj = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
-        return plain
-
-    def _sync_suspend(self, job: Any, latest: Obj) -> None:
-        """spec.runPolicy.suspend pauses the Job (its pods go, checkpoints stay) and resumes
-        it; with a Kueue queue, unsuspending is Kueue's decision alone."""
-        suspended = bool((latest.get("spec") or {}).get("suspend"))
-        want = job.spec.run_policy.suspend
-        if st.job_state(latest) not in ("active", "suspended") or suspended == want:
-            return
-        if not want and job.spec.resources.queue_name:
-            return
-        client.BatchV1Api(self.api).patch_namespaced_job(
-            latest["metadata"]["name"], latest["metadata"]["namespace"], {"spec": {"suspend": want}}
-        )
-        latest.setdefault("spec", {})["suspend"] = want
-
-    def _delete_other_runs(self, owner: ch.Owner, base: str, stale: list[Obj]) -> None:
-        """A new run replaces the old one: its Jobs (and pods), Service and ConfigMap go; its
-        outputs and checkpoints on the volume stay. Only this FineTuneJob's, by UID."""
-        core, batch = client.CoreV1Api(self.api), client.BatchV1Api(self.api)
-        ns = owner.namespace
-        for old in stale:
-            _ignore_missing(
-                partial(
-                    batch.delete_namespaced_job,
-                    old["metadata"]["name"],
-                    ns,
-                    propagation_policy="Background",
-                )
-            )
-        selector = f"{ch.JOB_LABEL}={owner.name},{ch.RUN_LABEL},{ch.RUN_LABEL}!={base}"
-        listings: list[tuple[Any, Any]] = [
-            (core.list_namespaced_service, core.delete_namespaced_service),
-            (core.list_namespaced_config_map, core.delete_namespaced_config_map),
-        ]
-        for listed, delete in listings:
-            for item in listed(ns, label_selector=selector).items:
-                meta = item.metadata
-                if any(r.uid == owner.uid for r in meta.owner_references or []):
-                    _ignore_missing(partial(delete, meta.name, ns))
+        self._expire(body, job, owner, status, now)
 
     # -- progress and status -------------------------------------------------------------------
 
@@ -396,6 +310,8 @@ class Reconciler:
     ) -> Obj:
         status, events = st.compute(observed, previous, now)
         meta = body["metadata"]
+        if self._state(meta["uid"]) is None:
+            return status  # deleted meanwhile: no metric for it
         self.config.metrics.set_phase(meta["uid"], status["phase"])
         if status == previous:
             return status
@@ -404,12 +320,22 @@ class Reconciler:
         if st.with_progress_only_changed(previous, status) and recent:
             return status
         # The whole status, exactly: a merge patch would keep keys the new status dropped.
-        patch: Any = [{"op": "add", "path": "/status", "value": status}]
+        # The uid test makes the patch fail rather than land on a namesake created since.
+        patch: Any = [
+            {"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
+            {"op": "add", "path": "/status", "value": status},
+        ]
         objects = client.CustomObjectsApi(self.api)
-        objects.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
-            _content_type=JSON_PATCH,
-        )  # fmt: skip
+        try:
+            objects.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
+                _content_type=JSON_PATCH, _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
+        except client.ApiException as err:
+            mismatch = err.status == 422 and "test" in str(err.body) and "uid" in str(err.body)
+            if err.status == 404 or mismatch:
+                raise Gone from None
+            raise
         state.status, state.written_at = status, time.monotonic()
         for event in events:
             self._event(meta, event)
@@ -439,7 +365,9 @@ class Reconciler:
             "count": 1,
         }
         try:
-            client.CoreV1Api(self.api).create_namespaced_event(meta["namespace"], body)
+            client.CoreV1Api(self.api).create_namespaced_event(
+                meta["namespace"], body, _request_timeout=REQUEST_TIMEOUT
+            )
         except client.ApiException as err:  # an Event is never worth a failed reconcile
             log.warning("cannot post the Event %s: %s", event.reason, err.reason)
 
@@ -457,7 +385,9 @@ class Reconciler:
             if created is not None:
                 metrics.time_to_running.observe((datetime.now(UTC) - created).total_seconds())
 
-    def _expire(self, job: Any, owner: ch.Owner, status: Obj, now: datetime) -> None:
+    def _expire(
+        self, body: Mapping[str, Any], job: Any, owner: ch.Owner, status: Obj, now: datetime
+    ) -> None:
         """ttlSecondsAfterFinished: delete the FineTuneJob (never its outputs) that long after
         it became Succeeded or Failed (its condition's transition, so a revert to a run that
         finished long ago is not deleted at once)."""
@@ -466,25 +396,42 @@ class Reconciler:
             return
         condition = next(c for c in status["conditions"] if c["type"] == status["phase"])
         finished = st.parse_time(condition.get("lastTransitionTime"))
-        if finished is not None and (now - finished).total_seconds() >= ttl:
-            log.info("%s/%s: ttlSecondsAfterFinished passed, deleting", owner.namespace, owner.name)
-            # The uid precondition: never a FineTuneJob created since under the same name.
-            options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=owner.uid))
-            objects = client.CustomObjectsApi(self.api)
-            _ignore_missing(
-                partial(
-                    objects.delete_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    owner.namespace,
-                    PLURAL,
-                    owner.name,
-                    body=options,
-                )
-            )
+        if finished is None or (now - finished).total_seconds() < ttl:
+            return
+        log.info("%s/%s: ttlSecondsAfterFinished passed, deleting", owner.namespace, owner.name)
+        # Preconditions: this very object, unchanged since we read it (an edit of the TTL a
+        # moment ago is honoured on the next reconcile).
+        version = body["metadata"].get("resourceVersion")
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=owner.uid, resource_version=version)
+        )
+        try:
+            client.CustomObjectsApi(self.api).delete_namespaced_custom_object(
+                GROUP, VERSION, owner.namespace, PLURAL, owner.name, body=options,
+                _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
+        except client.ApiException as err:
+            if err.status not in (404, 409):
+                raise
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _invalid(
+    previous: Obj, name: str, live: Obj, token: str | None, err: SpecError, now: datetime
+) -> st.Observed:
+    """What an invalid spec observes: the current run and its record unchanged."""
+    current = previous.get("currentRun") or {}
+    return st.Observed(
+        int(previous.get("observedGeneration") or 0),
+        str(current.get("id") or runs.run_id(name, live, token)),
+        "",
+        now=now,
+        run_spec=current.get("spec"),
+        spec_error=str(err),
+        retrain_token=current.get("retrainToken"),
+    )
 
 
 def _document(name: str, namespace: str, spec: Obj) -> Obj:
@@ -494,10 +441,6 @@ def _document(name: str, namespace: str, spec: Obj) -> Obj:
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
-
-
-def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
 
 
 def _with_created(state: _State, jobs: list[Obj]) -> list[Obj]:
@@ -528,24 +471,3 @@ def _metrics_url(pods: list[Obj]) -> str | None:
                 if port.get("name") == "metrics":
                     return f"http://{status['podIP']}:{port['containerPort']}/metrics"
     return None
-
-
-def _ignore_missing(call: Callable[[], Any]) -> None:
-    try:
-        call()
-    except client.ApiException as err:
-        if err.status != 404:
-            raise
-
-
-def api_client(workers: int = 16) -> client.ApiClient:
-    from kubernetes import config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    # A pool smaller than the threads discards connections (new TLS handshakes each time).
-    configuration.connection_pool_maxsize = workers
-    return client.ApiClient(configuration)

@@ -107,6 +107,7 @@ class Choice:
 def choose(name: str, spec: Obj, generation: int, token: str | None, previous: Obj) -> Choice:
     """Decide the run from the live spec and the previous status (see the module's text)."""
     current = previous.get("currentRun") or {}
+    token = token or None  # an empty annotation is no token
     now = recorded(spec)
     if not current.get("id"):
         return Choice(run_id(name, spec, token), now, True)
@@ -115,7 +116,7 @@ def choose(name: str, spec: Obj, generation: int, token: str | None, previous: O
         # A status written by an operator that kept no record: adopt its run as it is.
         return Choice(str(current["id"]), now, False)
     keep = Choice(str(current["id"]), snapshot, False)
-    if current.get("retrainToken") != token:
+    if (current.get("retrainToken") or None) != token:
         return _new(name, spec, token, current)
     retrain = ((spec.get("runPolicy") or {}).get("retrainOnSpecChange", True)) is not False
     if not retrain or generation == previous.get("observedGeneration"):

@@ -9,7 +9,7 @@ so an operator restarted at any moment computes the same answer from the same ob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from kubetune.api.status import MAX_RUN_HISTORY, Phase
@@ -127,8 +127,9 @@ class Observed:
     """The pods of the latest attempt."""
     progress: Progress | None = None
     spec_error: str | None = None
-    blocked: str | None = None
-    """Why a child could not be created (its name held by another owner's object)."""
+    blocked: tuple[str, str] | None = None
+    """(reason, message) when a child could not be created: its name held by another owner's
+    object (ChildNameTaken), a quota (ExceededQuota) or a rejection (CreateRejected)."""
 
     @property
     def latest(self) -> Obj | None:
@@ -149,6 +150,17 @@ def finished_phase(previous: Obj, run: str) -> Phase | None:
     return None
 
 
+def attempt_state(observed: Observed) -> AttemptState:
+    """The latest attempt's state; a failure the trainer reported as bad input (exit 2 under
+    torchrun, which exits 1 itself, so the pod failure policy cannot see it) is "rejected"."""
+    state = job_state(observed.latest)
+    if state == "failed" and (parse_summary(termination_message(observed.pods)) or {}).get(
+        "invalid"
+    ):
+        return "rejected"
+    return state
+
+
 def retry_in(observed: Observed) -> float:
     """Seconds until the next attempt may start after a failed one (0: now)."""
     failed = _conditions(observed.latest or {}).get("Failed", {})
@@ -163,7 +175,7 @@ def next_attempt(observed: Observed, previous: Obj) -> int | None:
     """The attempt whose Job must exist now, or None when the run needs no (new) Job."""
     if observed.spec_error or finished_phase(previous, observed.run):
         return None
-    state = job_state(observed.latest)
+    state = attempt_state(observed)
     if state == "missing":
         return 1
     if state == "failed" and observed.attempt <= observed.backoff_limit:
@@ -182,16 +194,21 @@ class Verdict:
     reason: str
     message: str
     reconciling: bool = False
+    stalled: bool = False
+    """Needs a person although the run has not failed (kstatus Stalled)."""
 
 
 def verdict(observed: Observed, previous: Obj) -> Verdict:
     if observed.spec_error:
         return Verdict("Failed", "InvalidSpec", observed.spec_error)
     if observed.blocked:
-        return Verdict("Pending", "ChildNameTaken", observed.blocked, True)
+        reason, message = observed.blocked
+        # A quota frees up and a garbage-collected name comes free; a rejection needs a person.
+        resolves = reason in ("ChildNameTaken", "ExceededQuota")
+        return Verdict("Pending", reason, message, reconciling=resolves, stalled=not resolves)
     done = finished_phase(previous, observed.run)
     latest = observed.latest
-    state = job_state(latest)
+    state = attempt_state(observed)
     if done and state == "missing":
         return Verdict(done, f"Run{done}", f"run {observed.run} {done.lower()}")
     attempts = f"attempt {observed.attempt} of {observed.backoff_limit + 1}"
@@ -211,14 +228,18 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
             f"{last_words}",
         )
     if state == "failed":
-        if observed.attempt > observed.backoff_limit:
+        # Once recorded Failed, a run stays so (raising backoffLimit later retries nothing;
+        # the retrain-token annotation starts a new run).
+        if observed.attempt > observed.backoff_limit or done == "Failed":
             return Verdict(
                 "Failed",
                 "BackoffLimitExceeded",
                 f"run {observed.run} failed after {observed.attempt} attempts: {last_words}",
             )
         wait = retry_in(observed)
-        when = f"in {format_eta(wait)}" if wait > 0 else "now"
+        # An absolute time: a countdown would change the status (a write) on every tick.
+        at = timestamp(observed.now + timedelta(seconds=wait)) if observed.now else None
+        when = f"at {at}" if wait > 0 and at else "now"
         return Verdict(
             "Pending", "Retrying", f"{attempts} failed, the next starts {when}: {last_words}", True
         )
@@ -234,10 +255,60 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         if progress and progress.trainer_phase in ("merging", "exporting"):
             return Verdict("Merging", progress.trainer_phase.capitalize(), "exporting the model")
         return Verdict("Running", "Training", f"{len(running)} pod(s) training, {attempts}")
+    waiting = container_problem(observed.pods)
+    if waiting is not None:
+        reason, message = waiting
+        return Verdict(
+            "Pending", reason, message, reconciling=reason in RETRIED_WAITING,
+            stalled=reason not in RETRIED_WAITING,
+        )  # fmt: skip
+    # Both may resolve by themselves (a node frees up or is added; pods start).
     blocked = unschedulable(observed.pods)
     if blocked:
-        return Verdict("Pending", "Unschedulable", blocked)
-    return Verdict("Pending", "PodsPending", f"waiting for the training pods, {attempts}")
+        return Verdict("Pending", "Unschedulable", blocked, True)
+    if observed.jobs and not observed.pods and latest is not None and _created_long_ago(observed):
+        return Verdict(
+            "Pending",
+            "PodsNotCreated",
+            f"the Job {latest['metadata']['name']} has created no pod yet (see its Events: a "
+            "quota, a LimitRange or Pod Security admission may reject them)",
+            True,
+        )
+    return Verdict("Pending", "PodsPending", f"waiting for the training pods, {attempts}", True)
+
+
+RETRIED_WAITING = ("ErrImagePull", "ImagePullBackOff", "ContainerCreating", "PodInitializing")
+"""Container waiting reasons the kubelet keeps retrying; any other one needs a person."""
+PROBLEM_WAITING = (
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+)  # fmt: skip
+
+
+def container_problem(pods: list[Obj]) -> tuple[str, str] | None:
+    """(reason, message) of the first container that cannot start, e.g. an image that cannot
+    be pulled or a Secret that does not exist."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in PROBLEM_WAITING:
+                name = pod["metadata"].get("name", "a training pod")
+                return str(reason), f"{name}: {reason}: {waiting.get('message') or ''}".strip()
+    return None
+
+
+PODS_EXPECTED_WITHIN = 60.0
+"""Seconds after which a Job without any pod is reported (the Job controller failed to
+create them)."""
+
+
+def _created_long_ago(observed: Observed) -> bool:
+    created = parse_time((observed.latest or {}).get("metadata", {}).get("creationTimestamp"))
+    if created is None or observed.now is None:
+        return False
+    active = (observed.latest or {}).get("status", {}).get("active")
+    return not active and (observed.now - created).total_seconds() > PODS_EXPECTED_WITHIN
 
 
 def _last_words(pods: list[Obj]) -> str:
@@ -260,7 +331,7 @@ def conditions(previous: list[Obj], verdict: Verdict, generation: int, now: date
     wanted = {
         "Ready": phase in ("Running", "Merging", "Succeeded"),
         "Reconciling": verdict.reconciling,
-        "Stalled": phase == "Failed",
+        "Stalled": phase == "Failed" or verdict.stalled,
         "Succeeded": phase == "Succeeded",
         "Failed": phase == "Failed",
         "Suspended": phase == "Suspended",
@@ -398,8 +469,12 @@ def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list
         status["outputs"] = outputs
     elif previous.get("outputs"):
         status["outputs"] = previous["outputs"]  # the latest successful run's, still valid
-    if previous.get("phase") != judged.phase:
-        kind: Literal["Normal", "Warning"] = "Warning" if judged.phase == "Failed" else "Normal"
+    before = {c.get("type"): c for c in previous.get("conditions") or []}
+    old_reason = (before.get("Ready") or {}).get("reason")
+    problem = judged.stalled or judged.reason in (*PROBLEM_WAITING, "ExceededQuota")
+    if previous.get("phase") != judged.phase or (problem and old_reason != judged.reason):
+        warn = judged.phase == "Failed" or problem
+        kind: Literal["Normal", "Warning"] = "Warning" if warn else "Normal"
         events.append(Transition(kind, judged.reason, f"{judged.phase}: {judged.message}"))
     return status, events
 

@@ -110,6 +110,8 @@ class Summary:
     duration_seconds: float = 0.0
     message: str = ""
     started: float = field(default_factory=time.time)
+    invalid: bool = False
+    """Failed on bad input (spec, data, model or output): no retry can help."""
 
     def to_json(self, limit: int | None = None) -> str:
         """The summary as JSON; with `limit`, at most that many bytes and still valid JSON,
@@ -124,6 +126,7 @@ class Summary:
             "outputs": self.outputs,
             "durationSeconds": round(time.time() - self.started, 1),
             "message": self.message[-MESSAGE_CHARS:],
+            "invalid": self.invalid or None,
         }
         text = _dumps(data)
         while limit is not None and len(text.encode()) > limit:
@@ -135,7 +138,11 @@ class Summary:
             elif data["outputs"]:
                 data["outputs"] = {}
             else:
-                data = {"runId": self.run_id[:200], "phase": self.phase}
+                data = {
+                    "runId": self.run_id[:200],
+                    "phase": self.phase,
+                    "invalid": self.invalid or None,
+                }
                 limit = None
             text = _dumps(data)
         return text

@@ -1,0 +1,85 @@
+"""What the API server's admission does to a run, on the real control plane (kwok plays the
+pods): the training pods pass the `restricted` Pod Security standard where it is enforced,
+and a ResourceQuota that refuses the Job shows in status and Events (Reconciling, not
+Stalled: a quota frees up) until it is lifted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.harness import LocalCluster
+from tests.cluster.procs import wait_until
+from tests.controller.conftest import Operator, ftj
+from tests.controller.helpers import create, quickstart, wait_phase
+from tests.controller.test_operator_policies import ON_KWOK, events
+
+pytestmark = pytest.mark.cluster
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
+def conditions(status: dict[str, object]) -> dict[str, tuple[str, str]]:
+    listed = status.get("conditions") or []
+    assert isinstance(listed, list)
+    return {c["type"]: (c["status"], c["reason"]) for c in listed}
+
+
+def test_training_pods_pass_restricted_pod_security(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    cluster_kubeconfig: Path,
+    ftj_crd_installed: str,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    core = client.CoreV1Api(cluster_api)
+    with cluster.namespace("psa") as ns:
+        core.patch_namespace(ns, {"metadata": {"labels": RESTRICTED}})
+        running = Operator(cluster_kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
+        try:
+            create(cluster_api, ns, quickstart(tiny_model, "strict", {"spec": ON_KWOK}))
+            wait_phase(cluster_api, ns, "strict", "Succeeded", running, 90)
+            pods = core.list_namespaced_pod(ns).items
+            assert pods, "the Job created its pods under enforce=restricted"
+            assert all(p.spec.security_context.run_as_non_root for p in pods)
+        finally:
+            running.stop()
+
+
+def test_a_quota_that_refuses_the_job_shows_until_it_is_lifted(
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    kwok_operator: Operator,
+    tiny_model: Path,
+) -> None:
+    ns, name = cluster_namespace, "quota"
+    core = client.CoreV1Api(cluster_api)
+    core.create_namespaced_resource_quota(
+        ns, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
+    )
+    # The quota controller must have counted usage before admission enforces it.
+    wait_until(
+        "quota counted",
+        lambda: (core.read_namespaced_resource_quota("no-jobs", ns).status.used or {}) != {},
+        30,
+    )
+    create(cluster_api, ns, quickstart(tiny_model, name, {"spec": ON_KWOK}))
+
+    def refused() -> dict[str, object] | None:
+        status = ftj(cluster_api, ns, name).get("status") or {}
+        return status if conditions(status).get("Ready", ("", ""))[1] == "ExceededQuota" else None
+
+    status = wait_until("ExceededQuota", refused, 60, alive=kwok_operator.alive)
+    assert status["phase"] == "Pending"
+    assert "exceeded quota" in str(status["message"])
+    assert conditions(status)["Reconciling"][0] == "True"
+    assert conditions(status)["Stalled"][0] == "False"
+    assert ("Warning", "ExceededQuota") in events(cluster_api, ns, name)
+
+    core.delete_namespaced_resource_quota("no-jobs", ns)
+    wait_phase(cluster_api, ns, name, "Succeeded", kwok_operator, 90)

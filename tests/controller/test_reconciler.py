@@ -1,0 +1,98 @@
+"""The reconciler's bookkeeping without a cluster: an invalid spec moves no run, a burst of
+requests during a reconcile is never lost and never blocks, a deleted job leaves nothing."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from kubetune.api import SpecError
+from kubetune.api.validation import Problem
+from kubetune.controller import reconciler as rc
+from kubetune.controller import status as st
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+Obj = dict[str, Any]
+
+
+def test_an_invalid_spec_keeps_the_current_run_and_its_record() -> None:
+    record = {"model": {"path": "/m"}, "training": {"learningRate": 0.001}}
+    previous = {
+        "observedGeneration": 4,
+        "currentRun": {"id": "qs-aaaaaaaa", "spec": record, "attempt": 1},
+        "phase": "Running",
+    }
+    err = SpecError([Problem("spec.training", "no good")])
+    observed = rc._invalid(previous, "qs", {"training": {}}, None, err, NOW)
+    status, events = st.compute(observed, previous, NOW)
+    assert status["phase"] == "Failed"
+    assert status["currentRun"]["id"] == "qs-aaaaaaaa"
+    assert status["currentRun"]["spec"] == record
+    assert status["runs"] == []  # nothing superseded, nothing recorded
+    assert [e.reason for e in events] == ["InvalidSpec"]
+
+
+def body(uid: str = "u1") -> Obj:
+    return {"metadata": {"uid": uid, "name": "qs", "namespace": "ns"}, "spec": {}}
+
+
+def test_requests_during_a_reconcile_run_it_once_more_and_never_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reconciler = rc.Reconciler(rc.Config())
+    reconciler.seen(body())
+    inside, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def reconcile(*args: Any) -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            inside.set()
+            release.wait(10)
+
+    monkeypatch.setattr(reconciler, "_timed", reconcile)
+    first = threading.Thread(target=reconciler.request, args=("u1", lambda ns, n: ([], [])))
+    first.start()
+    assert inside.wait(10)
+    for _ in range(5):  # a burst of pod events: each returns at once
+        reconciler.request("u1", lambda ns, n: ([], []))
+    release.set()
+    first.join(10)
+    assert calls == [0, 1]  # the burst cost exactly one more reconcile
+
+
+def test_an_event_during_a_reconcile_is_served_by_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reconciler = rc.Reconciler(rc.Config())
+    reconciler.seen(body())
+    state = reconciler._state("u1")
+    assert state is not None
+    calls: list[int] = []
+
+    def reconcile(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            # Another event arrives after this reconcile read everything but before it
+            # releases the lock: it must still be served.
+            racer = threading.Thread(target=reconciler.request, args=("u1", lambda ns, n: ([], [])))
+            racer.start()
+            racer.join(10)
+
+    monkeypatch.setattr(reconciler, "_timed", reconcile)
+    reconciler.request("u1", lambda ns, n: ([], []))
+    assert len(calls) == 2
+
+
+def test_a_deleted_job_leaves_no_state_and_is_not_reconciled() -> None:
+    reconciler = rc.Reconciler(rc.Config())
+    reconciler.seen(body())
+    assert reconciler._state("u1") is not None
+    reconciler.gone(body()["metadata"])
+    assert reconciler._state("u1") is None
+    assert reconciler.known() == [] and reconciler.uid_of("ns", "qs") is None
+    reconciler.request("u1", lambda ns, n: ([], []))  # a late pod event: nothing happens
+    assert reconciler._states == {}
