@@ -11,7 +11,7 @@ import yaml
 from kubetune.api import validate_object
 from kubetune.api.validation import FineTuneJob
 from kubetune.controller import children as ch
-from kubetune.controller import runs
+from kubetune.controller import pods, runs
 from tests.trainer.jobs import EXAMPLES, merged
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -56,7 +56,7 @@ def test_a_name_starting_with_a_digit_still_gives_a_valid_service_name() -> None
 
 def test_single_node_job_runs_kubetune_train_directly() -> None:
     spec = job()
-    rendered = ch.batch_job(spec, owner(), "quickstart-1234abcd", 1, ch.Settings())
+    rendered = pods.batch_job(spec, owner(), "quickstart-1234abcd", 1, ch.Settings())
     pod = rendered["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"][:3] == ["kubetune", "train", "/etc/kubetune/finetunejob.yaml"]
@@ -88,7 +88,7 @@ def test_multi_node_job_wires_torchrun_to_pod_zero() -> None:
     spec = job({"spec": {"distributed": {"nodes": 4, "gpusPerNode": 8}}})
     run = "quickstart-1234abcd"
     settings = ch.Settings(master_port=29400)
-    rendered = ch.batch_job(spec, owner(), run, 2, settings)
+    rendered = pods.batch_job(spec, owner(), run, 2, settings)
     assert rendered["spec"]["completions"] == rendered["spec"]["parallelism"] == 4
     command = rendered["spec"]["template"]["spec"]["containers"][0]["command"]
     base = ch.base_name(run)
@@ -128,7 +128,7 @@ def test_scheduling_fields_queue_and_pod_labels_are_passed_through() -> None:
         }
     )
     settings = ch.Settings(pod_labels={"kubetune.io/run-locally": "true"})
-    rendered = ch.batch_job(spec, owner(), "quickstart-1234abcd", 1, settings)
+    rendered = pods.batch_job(spec, owner(), "quickstart-1234abcd", 1, settings)
     template = rendered["spec"]["template"]
     pod = template["spec"]
     assert rendered["metadata"]["labels"][ch.KUEUE_QUEUE_LABEL] == "team-a"

@@ -24,7 +24,7 @@ from kubernetes import client
 from kubetune.api import SpecError, validate_object
 from kubetune.api.spec import GROUP, KIND, PLURAL, VERSION
 from kubetune.controller import children as ch
-from kubetune.controller import runs
+from kubetune.controller import outcomes, runs
 from kubetune.controller import status as st
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.progress import Progress, ScrapeError, parse_metrics, scrape
@@ -279,7 +279,7 @@ class Reconciler:
                 observed, progress=self._progress(state, (run, observed.attempt), attempt_pods)
             )
         status = self._write(body, state, previous, observed, now)
-        self._expire(body, job, owner, status, now)
+        outcomes.expire(self.api, body, job, owner, status, now)
 
     # -- progress and status -------------------------------------------------------------------
 
@@ -338,81 +338,9 @@ class Reconciler:
             raise
         state.status, state.written_at = status, time.monotonic()
         for event in events:
-            self._event(meta, event)
-        self._count(meta, previous, status)
+            outcomes.post_event(self.api, meta, event)
+        outcomes.count(self.config.metrics, meta, previous, status)
         return status
-
-    def _event(self, meta: Mapping[str, Any], event: st.Transition) -> None:
-        """A Kubernetes Event about the FineTuneJob (posted here, not by kopf: reconciles
-        also run outside kopf's handlers)."""
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        body: Any = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "type": event.type,
-            "reason": event.reason,
-            "message": event.message[:1000],
-            "source": {"component": "kubetune-operator"},
-            "reportingComponent": "kubetune.io/operator",
-            "firstTimestamp": stamp[:19] + "Z",
-            "lastTimestamp": stamp[:19] + "Z",
-            "count": 1,
-        }
-        try:
-            client.CoreV1Api(self.api).create_namespaced_event(
-                meta["namespace"], body, _request_timeout=REQUEST_TIMEOUT
-            )
-        except client.ApiException as err:  # an Event is never worth a failed reconcile
-            log.warning("cannot post the Event %s: %s", event.reason, err.reason)
-
-    def _count(self, meta: Mapping[str, Any], previous: Obj, status: Obj) -> None:
-        before, after = previous.get("phase"), status["phase"]
-        if before == after:
-            return
-        metrics = self.config.metrics
-        if after == "Succeeded":
-            metrics.runs_succeeded.inc()
-        elif after == "Failed":
-            metrics.runs_failed.inc()
-        elif after == "Running" and before in (None, "Pending", "Queued"):
-            created = st.parse_time(meta.get("creationTimestamp"))
-            if created is not None:
-                metrics.time_to_running.observe((datetime.now(UTC) - created).total_seconds())
-
-    def _expire(
-        self, body: Mapping[str, Any], job: Any, owner: ch.Owner, status: Obj, now: datetime
-    ) -> None:
-        """ttlSecondsAfterFinished: delete the FineTuneJob (never its outputs) that long after
-        it became Succeeded or Failed (its condition's transition, so a revert to a run that
-        finished long ago is not deleted at once)."""
-        ttl = job.spec.run_policy.ttl_seconds_after_finished
-        if ttl is None or status["phase"] not in st.TERMINAL:
-            return
-        condition = next(c for c in status["conditions"] if c["type"] == status["phase"])
-        finished = st.parse_time(condition.get("lastTransitionTime"))
-        if finished is None or (now - finished).total_seconds() < ttl:
-            return
-        log.info("%s/%s: ttlSecondsAfterFinished passed, deleting", owner.namespace, owner.name)
-        # Preconditions: this very object, unchanged since we read it (an edit of the TTL a
-        # moment ago is honoured on the next reconcile).
-        version = body["metadata"].get("resourceVersion")
-        options = client.V1DeleteOptions(
-            preconditions=client.V1Preconditions(uid=owner.uid, resource_version=version)
-        )
-        try:
-            client.CustomObjectsApi(self.api).delete_namespaced_custom_object(
-                GROUP, VERSION, owner.namespace, PLURAL, owner.name, body=options,
-                _request_timeout=REQUEST_TIMEOUT,
-            )  # fmt: skip
-        except client.ApiException as err:
-            if err.status not in (404, 409):
-                raise
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes import client
 
 from kubetune.controller import children as ch
+from kubetune.controller import pods
 from kubetune.controller import status as st
 from kubetune.controller.metrics import OperatorMetrics
 
@@ -80,7 +81,7 @@ class Children:
             partial(core.patch_namespaced_service, name, ns),
             owner,
         )
-        body: Any = ch.batch_job(job, owner, run, attempt, self.settings, token)
+        body: Any = pods.batch_job(job, owner, run, attempt, self.settings, token)
         job_name = body["metadata"]["name"]
         created = self._create(
             partial(batch.create_namespaced_job, ns, body),

@@ -1,0 +1,216 @@
+"""What the operator sees of a run: its Jobs and pods read into states, and the decision of
+which attempt must exist now (with retries that wait longer each time).
+
+Pure, like status.py, which turns what is seen here into the status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from kubetune.api.status import Phase
+from kubetune.controller.children import ATTEMPT_LABEL, COMPLETION_INDEX_ANNOTATION, CONTAINER
+from kubetune.controller.progress import Progress, parse_summary
+
+Obj = dict[str, Any]
+TERMINAL: tuple[Phase, ...] = ("Succeeded", "Failed")
+AttemptState = Literal[
+    "missing", "suspended", "active", "succeeded", "failed", "rejected", "deadline"
+]
+RETRY_BASE_SECONDS = 10.0
+RETRY_MAX_SECONDS = 600.0
+"""Delay before attempt n+1: base * 2^(n-1), at most this (Kubernetes Jobs back off alike)."""
+
+
+def timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+# -- reading the children -----------------------------------------------------------------------
+
+
+def conditions_of(obj: Obj) -> dict[str, Obj]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def attempt_of(obj: Obj) -> int:
+    try:
+        return int(obj["metadata"]["labels"][ATTEMPT_LABEL])
+    except (KeyError, ValueError):
+        return 0
+
+
+def job_state(job: Obj | None) -> AttemptState:
+    if job is None:
+        return "missing"
+    conditions = conditions_of(job)
+
+    def true(kind: str) -> bool:
+        return conditions.get(kind, {}).get("status") == "True"
+
+    if true("Complete"):
+        return "succeeded"
+    if true("Failed"):
+        reason = conditions["Failed"].get("reason")
+        if reason == "DeadlineExceeded":
+            return "deadline"
+        # The pod failure policy's FailJob rule: the trainer exited 2 (bad spec, data, model
+        # or output), which no retry can fix.
+        return "rejected" if reason == "PodFailurePolicy" else "failed"
+    if (job.get("spec") or {}).get("suspend") and not (job.get("status") or {}).get("active"):
+        return "suspended"
+    return "active"
+
+
+def termination_message(pods: list[Obj]) -> str | None:
+    """The most telling termination message of an attempt's pods: rank 0's, else a failed
+    pod's (where the error is), else any."""
+
+    def key(pod: Obj) -> tuple[int, int]:
+        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+        failed = (pod.get("status") or {}).get("phase") == "Failed"
+        return (0 if index == "0" else 1, 0 if failed else 1)
+
+    for pod in sorted(pods, key=key):
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            if status.get("name") != CONTAINER:
+                continue
+            terminated = (status.get("state") or {}).get("terminated") or (
+                status.get("lastState") or {}
+            ).get("terminated")
+            if terminated and terminated.get("message"):
+                return str(terminated["message"]).strip()
+    return None
+
+
+def unschedulable(pods: list[Obj]) -> str | None:
+    for pod in pods:
+        scheduled = conditions_of(pod).get("PodScheduled")
+        if scheduled and scheduled.get("status") == "False":
+            return str(scheduled.get("message") or scheduled.get("reason") or "unschedulable")
+    return None
+
+
+# -- what the operator saw ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the status depends on, gathered by the handlers."""
+
+    generation: int
+    run: str
+    """The run id the spec asks for now."""
+    output_path: str
+    """The run's directory relative to the output volume."""
+    now: datetime | None = None
+    run_spec: Obj | None = None
+    """What the run records of the spec (see runs.py)."""
+    backoff_limit: int = 3
+    suspend: bool = False
+    merge: bool = True
+    retrain_token: str | None = None
+    jobs: list[Obj] = field(default_factory=list)
+    """The batch Jobs of this run (every attempt)."""
+    pods: list[Obj] = field(default_factory=list)
+    """The pods of the latest attempt."""
+    progress: Progress | None = None
+    spec_error: str | None = None
+    blocked: tuple[str, str] | None = None
+    """(reason, message) when a child could not be created: its name held by another owner's
+    object (ChildNameTaken), a quota (ExceededQuota) or a rejection (CreateRejected)."""
+
+    @property
+    def latest(self) -> Obj | None:
+        return max(self.jobs, key=attempt_of, default=None)
+
+    @property
+    def attempt(self) -> int:
+        latest = self.latest
+        return attempt_of(latest) if latest is not None else 0
+
+
+def finished_phase(previous: Obj, run: str) -> Phase | None:
+    """The outcome already recorded for `run`, if it finished (its Job may be gone since)."""
+    for record in previous.get("runs") or []:
+        if record.get("id") == run and record.get("phase") in TERMINAL:
+            phase: Phase = record["phase"]
+            return phase
+    return None
+
+
+def attempt_state(observed: Observed) -> AttemptState:
+    """The latest attempt's state; a failure the trainer reported as bad input (exit 2 under
+    torchrun, which exits 1 itself, so the pod failure policy cannot see it) is "rejected"."""
+    state = job_state(observed.latest)
+    if state == "failed" and (parse_summary(termination_message(observed.pods)) or {}).get(
+        "invalid"
+    ):
+        return "rejected"
+    return state
+
+
+def retry_in(observed: Observed) -> float:
+    """Seconds until the next attempt may start after a failed one (0: now)."""
+    failed = conditions_of(observed.latest or {}).get("Failed", {})
+    since = parse_time(failed.get("lastTransitionTime"))
+    if since is None or observed.now is None:
+        return 0.0
+    delay = min(RETRY_BASE_SECONDS * 2.0 ** max(observed.attempt - 1, 0), RETRY_MAX_SECONDS)
+    return max(0.0, delay - (observed.now - since).total_seconds())
+
+
+def next_attempt(observed: Observed, previous: Obj) -> int | None:
+    """The attempt whose Job must exist now, or None when the run needs no (new) Job."""
+    if observed.spec_error or finished_phase(previous, observed.run):
+        return None
+    state = attempt_state(observed)
+    if state == "missing":
+        return 1
+    if state == "failed" and observed.attempt <= observed.backoff_limit:
+        return observed.attempt + 1 if retry_in(observed) == 0 else None
+    if state in ("succeeded", "failed", "rejected", "deadline"):
+        return None
+    return observed.attempt
+
+
+RETRIED_WAITING = ("ErrImagePull", "ImagePullBackOff", "ContainerCreating", "PodInitializing")
+"""Container waiting reasons the kubelet keeps retrying; any other one needs a person."""
+PROBLEM_WAITING = (
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+)  # fmt: skip
+
+
+def container_problem(pods: list[Obj]) -> tuple[str, str] | None:
+    """(reason, message) of the first container that cannot start, e.g. an image that cannot
+    be pulled or a Secret that does not exist."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in PROBLEM_WAITING:
+                name = pod["metadata"].get("name", "a training pod")
+                return str(reason), f"{name}: {reason}: {waiting.get('message') or ''}".strip()
+    return None
+
+
+PODS_EXPECTED_WITHIN = 60.0
+"""Seconds after which a Job without any pod is reported (the Job controller failed to
+create them)."""
+
+
+def created_long_ago(observed: Observed) -> bool:
+    created = parse_time((observed.latest or {}).get("metadata", {}).get("creationTimestamp"))
+    if created is None or observed.now is None:
+        return False
+    active = (observed.latest or {}).get("status", {}).get("active")
+    return not active and (observed.now - created).total_seconds() > PODS_EXPECTED_WITHIN
