@@ -17,6 +17,7 @@ from kubernetes import client
 
 from tests.cluster.crd import install_crd
 from tests.cluster.procs import free_port
+from tests.controller.rbac import service_account_kubeconfig
 from tests.tiny import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +43,15 @@ class Operator:
     extra: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=lambda: [KUBETUNE])
     """How to start `kubetune` (a test may start a patched one, e.g. a simulated upgrade)."""
+    all_namespaces: bool = False
+    """Watch the whole cluster (`--all-namespaces`) instead of `namespace`."""
     run_locally: bool = True
     """Label the training pods for the pod runner (False: kwok plays them, Succeeded at once)."""
 
     def start(self) -> Operator:
         argv = [
-            *self.command, "operator", "--namespace", self.namespace,
+            *self.command, "operator",
+            *(["--all-namespaces"] if self.all_namespaces else ["--namespace", self.namespace]),
             "--metrics-port", str(self.metrics_port), "--health-port", str(free_port()),
             *(["--pod-label", "kubetune.io/run-locally=true"] if self.run_locally else []),
             # All pods share loopback here, and other tests run beside us: no fixed ports.
@@ -80,30 +84,49 @@ class Operator:
             return f"operator exited {self.process.returncode}:\n{self.tail()}"
         return None
 
+    def assert_permitted(self) -> None:
+        """Nothing the operator (or kopf) tried was refused by RBAC."""
+        refused = [line for line in self.log.read_text(errors="replace").splitlines()
+                   if "Forbidden" in line or " 403 " in line or "permissions" in line]  # fmt: skip
+        assert not refused, "\n".join(refused[:10])
+
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture
+def operator_kubeconfig(
+    cluster_api: client.ApiClient, cluster_kubeconfig: Path, cluster_namespace: str, tmp_path: Path
+) -> Path:
+    """Logs in as a ServiceAccount bound to exactly the operator's RBAC rules (a Role in the
+    test's namespace): every operator test runs under least privilege."""
+    return service_account_kubeconfig(
+        cluster_api, cluster_kubeconfig, [cluster_namespace], tmp_path / "operator.kubeconfig"
+    )
+
+
+@pytest.fixture
 def operator(
-    cluster_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
+    operator_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
 ) -> Iterator[Operator]:
-    running = Operator(cluster_kubeconfig, cluster_namespace, tmp_path / "operator.log").start()
+    running = Operator(operator_kubeconfig, cluster_namespace, tmp_path / "operator.log").start()
     yield running
     running.stop()
+    running.assert_permitted()
 
 
 @pytest.fixture
 def kwok_operator(
-    cluster_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
+    operator_kubeconfig: Path, cluster_namespace: str, ftj_crd_installed: str, tmp_path: Path
 ) -> Iterator[Operator]:
     """The operator with its training pods left to kwok's GPU nodes: Running and, being owned
     by a Job, Succeeded at once, so a run takes seconds (for what does not need a trainer)."""
     running = Operator(
-        cluster_kubeconfig, cluster_namespace, tmp_path / "operator.log", run_locally=False
+        operator_kubeconfig, cluster_namespace, tmp_path / "operator.log", run_locally=False
     ).start()
     yield running
     running.stop()
+    running.assert_permitted()
 
 
 def ftj(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from tests.cluster.harness import LocalCluster
 from tests.cluster.procs import wait_until
 from tests.controller.conftest import Operator, ftj
 from tests.controller.helpers import create, quickstart, wait_phase
+from tests.controller.rbac import service_account_kubeconfig
 from tests.controller.test_operator_policies import ON_KWOK, events
 
 pytestmark = pytest.mark.cluster
@@ -40,7 +41,10 @@ def test_training_pods_pass_restricted_pod_security(
     core = client.CoreV1Api(cluster_api)
     with cluster.namespace("psa") as ns:
         core.patch_namespace(ns, {"metadata": {"labels": RESTRICTED}})
-        running = Operator(cluster_kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
+        kubeconfig = service_account_kubeconfig(
+            cluster_api, cluster_kubeconfig, [ns], tmp_path / "sa.kubeconfig"
+        )
+        running = Operator(kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
         try:
             create(cluster_api, ns, quickstart(tiny_model, "strict", {"spec": ON_KWOK}))
             wait_phase(cluster_api, ns, "strict", "Succeeded", running, 90)

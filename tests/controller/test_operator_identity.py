@@ -30,6 +30,7 @@ from tests.cluster.harness import LocalCluster
 from tests.cluster.procs import wait_until
 from tests.controller.conftest import GROUP, PLURAL, REPO, VERSION, Operator, ftj
 from tests.controller.helpers import create, labelled, quickstart, wait_phase
+from tests.controller.rbac import service_account_kubeconfig
 from tests.controller.test_operator_lifecycle import digest
 from tests.controller.test_operator_policies import ON_KWOK, patch
 from tests.controller.upgraded_operator import NEW_FIELD
@@ -111,7 +112,7 @@ def test_an_operator_upgrade_restarts_nothing(
     request.getfixturevalue("upgraded_crd")
     assert ftj(cluster_api, ns, "done")["spec"]["training"][NEW_FIELD[0]] == NEW_FIELD[1]
     upgraded = Operator(
-        cluster_kubeconfig, ns, tmp_path / "upgraded.log",
+        operator.kubeconfig, ns, tmp_path / "upgraded.log",
         command=[sys.executable, "-m", "tests.controller.upgraded_operator"],
     ).start()  # fmt: skip
     try:
@@ -254,7 +255,10 @@ def test_deletion_never_waits_for_the_operator(
 ) -> None:
     core = client.CoreV1Api(cluster_api)
     with cluster.namespace("del") as ns:
-        running = Operator(cluster_kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
+        kubeconfig = service_account_kubeconfig(
+            cluster_api, cluster_kubeconfig, [ns], tmp_path / "sa.kubeconfig"
+        )
+        running = Operator(kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
         try:
             create(cluster_api, ns, quickstart(tiny_model, "plain", {"spec": ON_KWOK}))
             # As an earlier operator (with a timer) left it: kopf's finalizer on the object.
