@@ -14,7 +14,8 @@ then creates N FineTuneJobs concurrently and reports:
 - API writes per job, counted by the apiserver (`apiserver_request_total`, every verb but
   GET/LIST/WATCH, before and after) on the resources only the operator writes, plus the
   Events it posted (Event objects about FineTuneJobs);
-- writes during a quiet period afterwards (the level-triggered timers must write nothing).
+- writes during a quiet period afterwards (the safety net must write nothing), and the
+  operator's CPU then (user + system seconds per second, with every job finished).
 
 kwok plays the pods with its "fast" stages: a pod goes Running at once and, being owned by a
 Job, Succeeded at once, so the Job completes within seconds and most FineTuneJobs go Pending ->
@@ -223,6 +224,12 @@ def quantile(
     return lower_bound
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm(pid: int, key: str = "VmHWM") -> float:
     """Peak (VmHWM) or current (VmRSS) resident set of a process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -403,7 +410,9 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
         succeeded = time.monotonic() - t0
         time.sleep(2)  # the last Events are posted asynchronously
         api_after = scrape(api)
+        cpu_before = cpu_seconds(proc.pid)
         time.sleep(args.quiet)
+        quiet_cpu = (cpu_seconds(proc.pid) - cpu_before) / args.quiet
         api_quiet = scrape(api)
         op_after = scrape(operator_url)
         peak, end = vm(proc.pid), vm(proc.pid, "VmRSS")
@@ -472,6 +481,7 @@ def run(args: argparse.Namespace, kubeconfig: str, root: Path) -> dict[str, Any]
         "all_writes_by_kind": {"/".join(filter(None, k)): v for k, v in sorted(delta.items())},
         "quiet_s": args.quiet,
         "operator_writes_while_quiet": quiet_operator,
+        "operator_cpu_while_quiet_cores": round(quiet_cpu, 4),
         "sample_finalizers": sample.get("finalizers"),
         "sample_annotations": sorted(sample.get("annotations") or {}),
         "mean_phase_count": round(statistics.mean(len(s) for s in watcher.phases.values()), 2),

@@ -338,3 +338,12 @@ def test_a_failed_run_stays_failed_when_the_backoff_limit_is_raised() -> None:
     status, _ = st.compute(raised, failed, NOW)
     assert status["phase"] == "Failed"
     assert {c["type"]: c["status"] for c in status["conditions"]}["Reconciling"] == "False"
+
+
+def test_finished_pods_before_the_job_completes_do_not_fall_back_to_pending() -> None:
+    running, _ = st.compute(observed(jobs=[batch_job()], pods=[pod("Running")]), {}, NOW)
+    assert running["phase"] == "Running"
+    between, events = st.compute(
+        observed(jobs=[batch_job()], pods=[pod("Succeeded")]), running, NOW
+    )
+    assert between["phase"] == "Running" and events == []

@@ -100,7 +100,12 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     if state == "suspended":
         return Verdict("Queued", "Queued", "the Job waits for admission (Kueue)")
-    running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
+    # A pod that finished well still counts until the Job controller marks the Job Complete
+    # (a moment later): the status must not fall back to Pending in between.
+    running = [
+        p for p in observed.pods
+        if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")
+    ]  # fmt: skip
     if running:
         progress = observed.progress
         if progress and progress.trainer_phase in ("merging", "exporting"):
