@@ -178,6 +178,9 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 # RBAC only: no Node authorizer, because the pod runner is not a real kubelet.
                 "--authorization-mode=RBAC",
+                # As on hardened clusters: setting blockOwnerDeletion needs update on the
+                # owner's finalizers (the operator's RBAC is tested against it).
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--allow-privileged=true",
                 # The endpoint reconciler refuses a loopback advertise address; nothing here
                 # reaches the apiserver through the `kubernetes` Service anyway.

@@ -22,17 +22,19 @@ def test_an_invalid_spec_keeps_the_current_run_and_its_record() -> None:
     record = {"model": {"path": "/m"}, "training": {"learningRate": 0.001}}
     previous = {
         "observedGeneration": 4,
-        "currentRun": {"id": "qs-aaaaaaaa", "spec": record, "attempt": 1},
+        "currentRun": {"id": "qs-aaaaaaaa", "spec": record, "attempt": 2},
         "phase": "Running",
     }
     err = SpecError([Problem("spec.training", "no good")])
-    observed = rc._invalid(previous, "qs", {"training": {}}, None, err, NOW)
+    observed = rc._invalid(previous, "qs", {"training": {}}, 5, None, err, NOW)
     status, events = st.compute(observed, previous, NOW)
     assert status["phase"] == "Failed"
     assert status["currentRun"]["id"] == "qs-aaaaaaaa"
     assert status["currentRun"]["spec"] == record
     assert status["runs"] == []  # nothing superseded, nothing recorded
     assert [e.reason for e in events] == ["InvalidSpec"]
+    assert status["observedGeneration"] == 5  # observed: kstatus reads Stalled, not InProgress
+    assert status["currentRun"]["attempt"] == 2
 
 
 def body(uid: str = "u1") -> Obj:
@@ -96,3 +98,11 @@ def test_a_deleted_job_leaves_no_state_and_is_not_reconciled() -> None:
     assert reconciler.known() == [] and reconciler.uid_of("ns", "qs") is None
     reconciler.request("u1", lambda ns, n: ([], []))  # a late pod event: nothing happens
     assert reconciler._states == {}
+
+
+def test_a_namesake_replaces_a_job_whose_deletion_was_never_seen() -> None:
+    reconciler = rc.Reconciler(rc.Config())
+    reconciler.seen(body("old"))
+    reconciler.seen(body("new"))  # same name, new uid: the old one is gone
+    assert [b["metadata"]["uid"] for b in reconciler.known()] == ["new"]
+    assert reconciler._state("old") is None and reconciler.uid_of("ns", "qs") == "new"

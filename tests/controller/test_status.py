@@ -284,7 +284,7 @@ def test_a_container_that_cannot_start_is_reported_with_its_reason() -> None:
     assert status["phase"] == "Pending"
     assert conditions(status)["Reconciling"] == "True"  # the kubelet keeps trying
     assert conditions(status)["Stalled"] == "False"
-    assert "ImagePullBackOff" in status["message"] and "no such image" in status["message"]
+    assert "cannot pull its image" in status["message"]
     assert ("Warning", "ImagePullBackOff") in {(e.type, e.reason) for e in events}
 
     secret = observed(jobs=[batch_job()], pods=[waiting_pod("CreateContainerConfigError",
@@ -347,3 +347,28 @@ def test_finished_pods_before_the_job_completes_do_not_fall_back_to_pending() ->
         observed(jobs=[batch_job()], pods=[pod("Succeeded")]), running, NOW
     )
     assert between["phase"] == "Running" and events == []
+
+
+def test_queued_is_reconciling_and_image_pull_flips_cost_nothing() -> None:
+    queued, _ = st.compute(observed(jobs=[batch_job(suspend=True)]), {}, NOW)
+    assert queued["phase"] == "Queued" and conditions(queued)["Reconciling"] == "True"
+    pulling, _ = st.compute(observed(jobs=[batch_job()], pods=[waiting_pod("ErrImagePull", "x")],
+                                     now=NOW), {}, NOW)  # fmt: skip
+    flipped, events = st.compute(
+        observed(jobs=[batch_job()], pods=[waiting_pod("ImagePullBackOff", "y")], now=NOW),
+        pulling,
+        NOW,
+    )
+    assert flipped == pulling and events == []  # no write, no Event per back-off cycle
+    stuck = waiting_pod("ImagePullBackOff")
+    stuck["metadata"]["creationTimestamp"] = st.timestamp(NOW - timedelta(minutes=11))
+    late, _ = st.compute(observed(jobs=[batch_job()], pods=[stuck], now=NOW), pulling, NOW)
+    assert conditions(late)["Stalled"] == "True"  # a wrong tag or missing credentials
+
+
+def test_suspended_under_a_queue_has_no_job_and_resumes_the_same_attempt() -> None:
+    suspended = observed(suspend=True, queued=True)
+    assert st.next_attempt(suspended, {}) is None
+    status, _ = st.compute(suspended, {}, NOW)
+    assert status["phase"] == "Suspended"
+    assert st.next_attempt(observed(queued=True), {}) == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -47,6 +48,8 @@ class SafetyNet:
         self.indexes: Any = None  # set by the first handler call (kopf passes them there)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="safety-net", daemon=True)
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -55,26 +58,40 @@ class SafetyNet:
         self._stop.set()
 
     def _loop(self) -> None:
-        with ThreadPoolExecutor(WORKERS, thread_name_prefix="safety-net") as pool:
+        pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="safety-net")
+        try:
             while not self._stop.wait(min(self.config.reconcile_interval, 5.0)):
                 if self.indexes is None:
                     continue
                 try:
-                    futures = [pool.submit(self._one, uid) for uid in self._due()]
+                    futures = [pool.submit(self._one, uid) for uid in self._claim(self._due())]
                     # Calls time out (REQUEST_TIMEOUT), so this returns; the bound only keeps
-                    # one slow round from delaying the next for long.
+                    # one slow round from delaying the next for long. A job still in flight
+                    # is not submitted again (no backlog on a slow API server).
                     wait(futures, timeout=max(self.config.reconcile_interval, 30.0))
                 except Exception:  # the loop must survive anything one round does
                     log.exception("safety-net round failed")
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _claim(self, uids: list[str]) -> list[str]:
+        with self._lock:
+            fresh = [uid for uid in uids if uid not in self._in_flight]
+            self._in_flight.update(fresh)
+        return fresh
 
     def _due(self) -> list[str]:
         due = []
+        now = time.time()
         for body in self.reconciler.known():
             uid = body["metadata"]["uid"]
             interval = self.config.reconcile_interval
-            ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-            if self.reconciler.finished(body) and ttl is None:
-                interval = self.config.finished_interval  # nothing left to do on time
+            expires = self.reconciler.expires_at(body)
+            if self.reconciler.finished(body):
+                # Nothing left to do on time, but the TTL deletion when it is due.
+                interval = self.config.finished_interval
+                if expires is not None and expires <= now:
+                    interval = self.config.reconcile_interval
             if self.reconciler.idle_for(uid) >= interval:
                 due.append(uid)
         return due
@@ -84,6 +101,9 @@ class SafetyNet:
             self.reconciler.request(uid, self.indexes)
         except Exception:  # one object's failure must not stop the others
             log.exception("reconcile of %s failed; retried on its next event or interval", uid)
+        finally:
+            with self._lock:
+                self._in_flight.discard(uid)
 
 
 def _slim(body: Mapping[str, Any]) -> Obj:
@@ -110,12 +130,15 @@ def _slim(body: Mapping[str, Any]) -> Obj:
 
 
 def _plain(body: Mapping[str, Any]) -> Obj:
-    """A FineTuneJob's body as plain dicts (kopf's Body is a view that changes)."""
-    return {
+    """A FineTuneJob's body as plain dicts (kopf's Body is a view that changes), without its
+    managedFields (kept for every object, they would be most of the memory)."""
+    plain = {
         k: copy.deepcopy(dict(body[k]) if isinstance(body[k], Mapping) else body[k])
         for k in ("metadata", "spec", "status")
         if k in body
     }
+    plain["metadata"].pop("managedFields", None)
+    return plain
 
 
 def build_registry(config: Config) -> kopf.OperatorRegistry:

@@ -116,6 +116,8 @@ class Observed:
     """What the run records of the spec (see runs.py)."""
     backoff_limit: int = 3
     suspend: bool = False
+    queued: bool = False
+    """The Job goes through a Kueue queue (resources.queueName)."""
     merge: bool = True
     retrain_token: str | None = None
     jobs: list[Obj] = field(default_factory=list)
@@ -173,6 +175,10 @@ def next_attempt(observed: Observed, previous: Obj) -> int | None:
     if observed.spec_error or finished_phase(previous, observed.run):
         return None
     state = attempt_state(observed)
+    if observed.suspend and observed.queued and state in ("missing", "failed"):
+        # Suspended under a Kueue queue: no Job at all (a suspended Job would be unsuspended
+        # by Kueue as soon as its workload is admitted); resuming creates it again.
+        return None
     if state == "missing":
         return 1
     if state == "failed" and observed.attempt <= observed.backoff_limit:
@@ -190,16 +196,35 @@ PROBLEM_WAITING = (
 )  # fmt: skip
 
 
-def container_problem(pods: list[Obj]) -> tuple[str, str] | None:
-    """(reason, message) of the first container that cannot start, e.g. an image that cannot
-    be pulled or a Secret that does not exist."""
-    for pod in pods:
+IMAGE_PULL = ("ErrImagePull", "ImagePullBackOff")
+"""The kubelet alternates these on every back-off cycle: reported as one, with one message,
+so the flips cost neither a status write nor an Event."""
+STALLED_AFTER = 600.0
+"""Seconds a pod may wait on a retried problem (an image pull) before a person is asked."""
+
+
+def container_problem(pods: list[Obj], now: datetime | None) -> tuple[str, str, bool] | None:
+    """(reason, message, stalled) of the first container (lowest completion index) that
+    cannot start, e.g. an image that cannot be pulled or a Secret that does not exist."""
+
+    def index(pod: Obj) -> int:
+        annotations = pod["metadata"].get("annotations") or {}
+        value = annotations.get(COMPLETION_INDEX_ANNOTATION, "")
+        return int(value) if value.isdigit() else 1 << 30
+
+    for pod in sorted(pods, key=index):
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (status.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
-            if reason in PROBLEM_WAITING:
-                name = pod["metadata"].get("name", "a training pod")
-                return str(reason), f"{name}: {reason}: {waiting.get('message') or ''}".strip()
+            if reason not in PROBLEM_WAITING:
+                continue
+            name = pod["metadata"].get("name", "a training pod")
+            if reason in IMAGE_PULL:
+                created = parse_time(pod["metadata"].get("creationTimestamp"))
+                waited = (now - created).total_seconds() if created and now else 0.0
+                message = f"{name}: cannot pull its image (kubectl describe pod {name})"
+                return "ImagePullBackOff", message, waited > STALLED_AFTER
+            return str(reason), f"{name}: {reason}: {waiting.get('message') or ''}".strip(), True
     return None
 
 
@@ -208,9 +233,11 @@ PODS_EXPECTED_WITHIN = 60.0
 create them)."""
 
 
-def created_long_ago(observed: Observed) -> bool:
+def podless_for(observed: Observed) -> float:
+    """Seconds the latest Job has existed without an active pod (0 when it has one)."""
     created = parse_time((observed.latest or {}).get("metadata", {}).get("creationTimestamp"))
     if created is None or observed.now is None:
-        return False
-    active = (observed.latest or {}).get("status", {}).get("active")
-    return not active and (observed.now - created).total_seconds() > PODS_EXPECTED_WITHIN
+        return 0.0
+    if (observed.latest or {}).get("status", {}).get("active"):
+        return 0.0
+    return (observed.now - created).total_seconds()

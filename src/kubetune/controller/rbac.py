@@ -1,8 +1,9 @@
 """The operator's permissions: exactly what it (and kopf under it) calls, nothing more.
 
-One source of truth: the Helm chart's ClusterRole/Role are checked against these rules, and
-the operator tests run under a ServiceAccount bound to them (cluster-wide, or one Role per
-watched namespace), so a missing rule fails a test and an unneeded one has no call behind it.
+One source of truth (the Helm chart, when it comes, renders or checks against these rules).
+The operator tests run under a ServiceAccount bound to them (cluster-wide, or one Role per
+watched namespace) on an API server that enforces OwnerReferencesPermissionEnforcement, so a
+missing rule fails a test.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from kubetune.api.spec import GROUP, PLURAL
 Rule = dict[str, list[str]]
 
 NAMESPACED_RULES: list[Rule] = [
-    # Watch FineTuneJobs; patch: kopf removes an earlier version's finalizer; delete: TTL.
+    # Watch FineTuneJobs; get: is a 422 on the status a namesake's? patch: kopf removes an
+    # earlier version's finalizer; delete: TTL.
     {
         "apiGroups": [GROUP],
         "resources": [PLURAL],
@@ -56,13 +58,25 @@ CLUSTER_RULES: list[Rule] = [
 NAMESPACE_WATCH_RULES: list[Rule] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]
-"""Only with `--namespace` patterns (globs): kopf lists namespaces to match them."""
+"""With `--namespace`: kopf lists and watches namespaces to match the names (and globs);
+without the rule it only warns and takes the names as given."""
+
+PEERING_RULES: dict[bool, list[Rule]] = {
+    # kopf's peering (--peering): it watches the peering object and patches its own entry.
+    False: [{"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+             "verbs": ["get", "list", "watch", "patch"]}],
+    True: [{"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
+            "verbs": ["get", "list", "watch", "patch"]}],
+}  # fmt: skip
+"""By mode (namespaced: True): only with `--peering`, for several replicas."""
 
 
-def cluster_role(name: str, namespaced_mode: bool = False) -> dict[str, Any]:
+def cluster_role(name: str, namespaced_mode: bool = False, peering: bool = False) -> dict[str, Any]:
     """The ClusterRole: everything cluster-wide, or only the cluster rules when the operator
     watches some namespaces (their rules then go into `role`)."""
     rules = CLUSTER_RULES + (NAMESPACE_WATCH_RULES if namespaced_mode else NAMESPACED_RULES)
+    if peering and not namespaced_mode:
+        rules = rules + PEERING_RULES[False]
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
@@ -71,10 +85,11 @@ def cluster_role(name: str, namespaced_mode: bool = False) -> dict[str, Any]:
     }
 
 
-def role(name: str, namespace: str) -> dict[str, Any]:
+def role(name: str, namespace: str, peering: bool = False) -> dict[str, Any]:
+    rules = NAMESPACED_RULES + (PEERING_RULES[True] if peering else [])
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": {"name": name, "namespace": namespace},
-        "rules": [dict(rule) for rule in NAMESPACED_RULES],
+        "rules": [dict(rule) for rule in rules],
     }

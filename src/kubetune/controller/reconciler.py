@@ -129,12 +129,36 @@ class Reconciler:
         status = (state.status if state is not None else None) or body.get("status") or {}
         return status.get("phase") in st.TERMINAL
 
+    def expires_at(self, body: Mapping[str, Any]) -> float | None:
+        """When ttlSecondsAfterFinished deletes this finished FineTuneJob (epoch seconds)."""
+        ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        with self._guard:
+            state = self._states.get(body["metadata"]["uid"])
+        status = (state.status if state is not None else None) or body.get("status") or {}
+        phase = status.get("phase")
+        if ttl is None or phase not in st.TERMINAL:
+            return None
+        since = next(
+            (c.get("lastTransitionTime") for c in status.get("conditions") or []
+             if c.get("type") == phase),
+            None,
+        )  # fmt: skip
+        finished = st.parse_time(since)
+        return None if finished is None else finished.timestamp() + float(ttl)
+
     def seen(self, body: Mapping[str, Any]) -> None:
-        """Remember the newest body of a FineTuneJob (from its watch events)."""
+        """Remember the newest body of a FineTuneJob (from its watch events). A namesake with
+        another uid means the old object is gone, even if its DELETED event never came (a
+        watch re-list after a 410 reports no deletions)."""
         meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self._guard:
+            old = self._uids.get(key)
+        if old is not None and old != meta["uid"]:
+            self.gone({"uid": old, "namespace": meta["namespace"], "name": meta["name"]})
         with self._guard:
             self._bodies[meta["uid"]] = body
-            self._uids[(meta["namespace"], meta["name"])] = meta["uid"]
+            self._uids[key] = meta["uid"]
 
     def gone(self, meta: Mapping[str, Any]) -> None:
         """Forget a deleted FineTuneJob (its watch event, or a 404 where it was expected)."""
@@ -231,7 +255,8 @@ class Reconciler:
             # The CRD's schema and CEL rules catch nearly all of this at admission; what is
             # left (e.g. an object stored before a stricter CRD) is permanent until edited.
             # The run and its record stay as they were: an invalid spec moves nothing.
-            self._write(body, state, previous, _invalid(previous, name, live, token, err, now), now)
+            observed = _invalid(previous, name, live, generation, token, err, now)
+            self._write(body, state, previous, observed, now)
             return
         choice = runs.choose(name, live, generation, token, previous)
         job = validate_object(_document(name, namespace, runs.effective_spec(choice, live)))
@@ -250,6 +275,7 @@ class Reconciler:
             output_path=ch.run_output_path(job, run),
             backoff_limit=policy.backoff_limit,
             suspend=policy.suspend,
+            queued=bool(job.spec.resources.queue_name),
             merge=job.spec.output.merge and job.spec.method.type != "full",
             retrain_token=token,
             jobs=mine,
@@ -271,8 +297,14 @@ class Reconciler:
                 state.created[created["metadata"]["name"]] = (time.monotonic(), created)
                 observed = _with_job(observed, created)
         latest = observed.latest
-        if latest is not None:
-            observed = _with_job(observed, self.children.sync_suspend(job, latest))
+        now_latest = None if latest is None else self.children.sync_suspend(job, latest)
+        if latest is not None and now_latest is None:  # deleted: suspended under Kueue
+            state.created.pop(latest["metadata"]["name"], None)
+            jobs_left = [j for j in observed.jobs if j is not latest]
+            observed = replace(observed, jobs=jobs_left)
+        elif now_latest is not None:
+            observed = _with_job(observed, now_latest)
+            latest = now_latest
             attempt_pods = [p for p in pods if owned_by(p, latest["metadata"].get("uid"))]
             observed = replace(observed, pods=attempt_pods)
             observed = replace(
@@ -282,6 +314,20 @@ class Reconciler:
         outcomes.expire(self.api, body, job, owner, status, now)
 
     # -- progress and status -------------------------------------------------------------------
+
+    def _replaced(self, meta: Mapping[str, Any]) -> bool:
+        """After a 422 on the status patch (its uid test failed, or the status was invalid):
+        True when the object is gone or a namesake has taken its place."""
+        try:
+            current: Any = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+                _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
+        except client.ApiException as err:
+            if err.status == 404:
+                return True
+            raise
+        return bool(current["metadata"]["uid"] != meta["uid"])
 
     def _progress(self, state: _State, of: tuple[str, int], pods: list[Obj]) -> Progress | None:
         """Rank 0's metrics for this run and attempt, read at most once per status interval
@@ -332,8 +378,7 @@ class Reconciler:
                 _content_type=JSON_PATCH, _request_timeout=REQUEST_TIMEOUT,
             )  # fmt: skip
         except client.ApiException as err:
-            mismatch = err.status == 422 and "test" in str(err.body) and "uid" in str(err.body)
-            if err.status == 404 or mismatch:
+            if err.status == 404 or (err.status == 422 and self._replaced(meta)):
                 raise Gone from None
             raise
         state.status, state.written_at = status, time.monotonic()
@@ -347,12 +392,19 @@ class Reconciler:
 
 
 def _invalid(
-    previous: Obj, name: str, live: Obj, token: str | None, err: SpecError, now: datetime
+    previous: Obj,
+    name: str,
+    live: Obj,
+    generation: int,
+    token: str | None,
+    err: SpecError,
+    now: datetime,
 ) -> st.Observed:
-    """What an invalid spec observes: the current run and its record unchanged."""
+    """What an invalid spec observes: the current run and its record unchanged; this
+    generation observed (kstatus then reads Stalled, not InProgress for ever)."""
     current = previous.get("currentRun") or {}
     return st.Observed(
-        int(previous.get("observedGeneration") or 0),
+        generation,
         str(current.get("id") or runs.run_id(name, live, token)),
         "",
         now=now,

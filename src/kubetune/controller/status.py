@@ -14,17 +14,18 @@ from typing import Any, Literal
 
 from kubetune.api.status import MAX_RUN_HISTORY, Phase
 from kubetune.controller.observe import (
+    PODS_EXPECTED_WITHIN,
     PROBLEM_WAITING,
-    RETRIED_WAITING,
+    STALLED_AFTER,
     TERMINAL,
     Observed,
     attempt_state,
     container_problem,
-    created_long_ago,
     finished_phase,
     job_state,
     next_attempt,
     parse_time,
+    podless_for,
     retry_in,
     termination_message,
     timestamp,
@@ -36,6 +37,8 @@ from kubetune.controller.progress import Progress, format_eta, parse_summary
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended")
 
 Obj = dict[str, Any]
+
+
 # -- the status --------------------------------------------------------------------------------
 
 
@@ -62,6 +65,8 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
     state = attempt_state(observed)
     if done and state == "missing":
         return Verdict(done, f"Run{done}", f"run {observed.run} {done.lower()}")
+    if observed.suspend and observed.queued and state in ("missing", "failed"):
+        return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     attempts = f"attempt {observed.attempt} of {observed.backoff_limit + 1}"
     last_words = _last_words(observed.pods)
     if state == "succeeded":
@@ -94,12 +99,14 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         return Verdict(
             "Pending", "Retrying", f"{attempts} failed, the next starts {when}: {last_words}", True
         )
+    if observed.suspend:
+        return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     if state == "missing":
         return Verdict("Pending", "Creating", f"creating the Job of run {observed.run}", True)
     if observed.suspend:
         return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     if state == "suspended":
-        return Verdict("Queued", "Queued", "the Job waits for admission (Kueue)")
+        return Verdict("Queued", "Queued", "the Job waits for admission (Kueue)", True)
     # A pod that finished well still counts until the Job controller marks the Job Complete
     # (a moment later): the status must not fall back to Pending in between.
     running = [
@@ -111,24 +118,25 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         if progress and progress.trainer_phase in ("merging", "exporting"):
             return Verdict("Merging", progress.trainer_phase.capitalize(), "exporting the model")
         return Verdict("Running", "Training", f"{len(running)} pod(s) training, {attempts}")
-    waiting = container_problem(observed.pods)
+    waiting = container_problem(observed.pods, observed.now)
     if waiting is not None:
-        reason, message = waiting
-        return Verdict(
-            "Pending", reason, message, reconciling=reason in RETRIED_WAITING,
-            stalled=reason not in RETRIED_WAITING,
-        )  # fmt: skip
+        reason, message, stalled = waiting
+        return Verdict("Pending", reason, message, reconciling=not stalled, stalled=stalled)
     # Both may resolve by themselves (a node frees up or is added; pods start).
     blocked = unschedulable(observed.pods)
     if blocked:
         return Verdict("Pending", "Unschedulable", blocked, True)
-    if observed.jobs and not observed.pods and latest is not None and created_long_ago(observed):
+    podless = podless_for(observed) if not observed.pods else 0.0
+    if latest is not None and podless > PODS_EXPECTED_WITHIN:
+        # Still retried by the Job controller; after a while, a person is asked.
+        stalled = podless > STALLED_AFTER
         return Verdict(
             "Pending",
             "PodsNotCreated",
             f"the Job {latest['metadata']['name']} has created no pod yet (see its Events: a "
             "quota, a LimitRange or Pod Security admission may reject them)",
-            True,
+            reconciling=not stalled,
+            stalled=stalled,
         )
     return Verdict("Pending", "PodsPending", f"waiting for the training pods, {attempts}", True)
 
@@ -183,7 +191,8 @@ def _current_run(observed: Observed, previous: Obj, verdict: Verdict, now: datet
     earlier: Obj = next((r for r in previous.get("runs") or [] if r.get("id") == observed.run), {})
     run: Obj = {
         "id": observed.run,
-        "attempt": max(observed.attempt, 1),
+        # Without Jobs (an invalid spec, a finished run's Jobs gone) the attempt stays.
+        "attempt": max(observed.attempt, 1) if observed.jobs or not same else old["attempt"],
         "generation": old.get("generation") if same else observed.generation,
         "startedAt": old.get("startedAt") if same else earlier.get("startedAt", timestamp(now)),
     }

@@ -88,6 +88,7 @@ class Children:
             partial(batch.read_namespaced_job, job_name, ns),
             partial(batch.patch_namespaced_job, job_name, ns),
             owner,
+            partial(batch.delete_namespaced_job, job_name, ns, propagation_policy="Background"),
         )
         if created is None:
             return dict(body)  # ours already (HTTP 409); the index shows it soon
@@ -103,6 +104,7 @@ class Children:
         read: Callable[..., Any] | None = None,
         adopt: Callable[..., Any] | None = None,
         owner: ch.Owner | None = None,
+        delete: Callable[..., Any] | None = None,
     ) -> Obj | None:
         """Create; the object as created, or None if it already existed (HTTP 409) and is
         (now) ours. ChildConflict if another owner holds it."""
@@ -120,8 +122,18 @@ class Children:
         holders = [r.get("uid") for r in meta.get("ownerReferences") or []]
         kind, name = existing.get("kind") or "object", meta["name"]
         labels = meta.get("labels") or {}
+        if (
+            not holders
+            and labels.get(ch.JOB_LABEL) == owner.name
+            and st.job_state(existing) == ("failed")
+        ):
+            # A failed orphan would spend an attempt of this object's: delete it, wait.
+            if delete is not None:
+                _ignore_missing(partial(delete, _request_timeout=REQUEST_TIMEOUT))
+            raise ChildConflict(f"{kind} {name}: deleting a failed orphan", resolves=True)
         if not holders and labels.get(ch.JOB_LABEL) == owner.name:
-            # An orphan of this job's name (owner deleted with --cascade=orphan): adopt it.
+            # An orphan of this job's name (owner deleted with --cascade=orphan), unfinished
+            # or complete: adopt it, as Kubernetes' ControllerRefManager does.
             patch = {"metadata": {"ownerReferences": [owner.reference()],
                                   "resourceVersion": meta.get("resourceVersion")}}  # fmt: skip
             adopt(patch, _request_timeout=REQUEST_TIMEOUT)
@@ -144,17 +156,34 @@ class Children:
         plain: Obj = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
         return plain
 
-    def sync_suspend(self, job: Any, latest: Obj) -> Obj:
+    def sync_suspend(self, job: Any, latest: Obj) -> Obj | None:
         """spec.runPolicy.suspend pauses the Job (its pods go, checkpoints stay) and resumes
-        it; with a Kueue queue, unsuspending is Kueue's decision alone. Returns the Job as it
-        is now (a copy: the index's objects are never changed here)."""
+        it. Returns the Job as it is now (a copy: the index's objects are never changed
+        here), or None when it was deleted.
+
+        With a Kueue queue, (un)suspending a Job is Kueue's alone (it unsuspends an admitted
+        workload's Job, and would undo ours): suspending deletes the attempt's Job instead,
+        and resuming creates it again (the same attempt, from the newest checkpoint)."""
         suspended = bool((latest.get("spec") or {}).get("suspend"))
         want = job.spec.run_policy.suspend
-        if st.job_state(latest) not in ("active", "suspended") or suspended == want:
-            return latest
-        if not want and job.spec.resources.queue_name:
+        if st.job_state(latest) not in ("active", "suspended"):
             return latest
         meta = latest["metadata"]
+        if job.spec.resources.queue_name:
+            if not want:
+                return latest
+            _ignore_missing(
+                partial(
+                    client.BatchV1Api(self.api).delete_namespaced_job,
+                    meta["name"],
+                    meta["namespace"],
+                    propagation_policy="Background",
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+            return None
+        if suspended == want:
+            return latest
         client.BatchV1Api(self.api).patch_namespaced_job(
             meta["name"], meta["namespace"], {"spec": {"suspend": want}},
             _request_timeout=REQUEST_TIMEOUT,
@@ -208,7 +237,9 @@ def _ignore_missing(call: Callable[[], Any]) -> None:
             raise
 
 
-def api_client(workers: int = 16) -> client.ApiClient:
+def api_client(workers: int = 32) -> client.ApiClient:
+    """The operator's client; `workers` connections (kopf's 16 threads and the safety
+    net's 16)."""
     from kubernetes import config
 
     configuration = client.Configuration()
