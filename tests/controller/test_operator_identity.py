@@ -295,3 +295,36 @@ def test_deletion_never_waits_for_the_operator(
             return False
 
         wait_until("namespace deleted", namespace_gone, 30, interval=0.5)
+
+
+def test_orphaned_children_are_adopted_by_a_recreated_job(
+    cluster_api: client.ApiClient, cluster_namespace: str, kwok_operator: Operator, tiny_model: Path
+) -> None:
+    """Deleted with --cascade=orphan (the garbage collector strips the owner references), then
+    applied again: the unfinished Job is adopted, not duplicated, and completes."""
+    ns, name = cluster_namespace, "orphan"
+    paused = quickstart(tiny_model, name, {"spec": {**ON_KWOK, "runPolicy": {"suspend": True}}})
+    create(cluster_api, ns, copy.deepcopy(paused))
+    run = wait_phase(cluster_api, ns, name, "Suspended", kwok_operator, 60)["status"]
+    job_name = ch.job_name(run["currentRun"]["id"], 1)
+    batch = client.BatchV1Api(cluster_api)
+    original = batch.read_namespaced_job(job_name, ns).metadata.uid
+    client.CustomObjectsApi(cluster_api).delete_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, name, propagation_policy="Orphan"
+    )
+    wait_until(
+        "the Job orphaned",
+        lambda: (
+            gone(cluster_api, ns, name)
+            and not batch.read_namespaced_job(job_name, ns).metadata.owner_references
+        ),
+        30,
+    )
+    resumed = copy.deepcopy(paused)
+    resumed["spec"]["runPolicy"]["suspend"] = False
+    create(cluster_api, ns, resumed)
+    done = wait_phase(cluster_api, ns, name, "Succeeded", kwok_operator, 90)
+    job = batch.read_namespaced_job(job_name, ns)
+    assert job.metadata.uid == original, "adopted, not created again"
+    assert [r.uid for r in job.metadata.owner_references] == [done["metadata"]["uid"]]
+    assert labelled(cluster_api, ns, name)["jobs"] == [job_name]
