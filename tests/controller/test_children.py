@@ -176,3 +176,40 @@ def test_service_is_headless_and_selects_the_run() -> None:
     assert rendered["spec"]["clusterIP"] == "None"
     assert rendered["spec"]["publishNotReadyAddresses"] is True
     assert rendered["spec"]["selector"][ch.RUN_LABEL] == ch.base_name("quickstart-1234abcd")
+
+
+def test_credentials_reach_the_pods_by_reference_only() -> None:
+    spec = job(
+        {
+            "spec": {
+                "model": {"path": None, "hfRepo": "org/gated", "tokenSecret": {"name": "hub"}},
+                "env": [
+                    {"name": "AWS_ACCESS_KEY_ID",
+                     "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
+                    {"name": "HF_HUB_OFFLINE", "value": "0"},
+                ],
+                "envFrom": [{"secretRef": "storage", "prefix": "S3_"}],
+            }
+        }
+    )  # fmt: skip
+    container = pods.batch_job(spec, owner(), "qs-1", 1, ch.Settings())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hub", "key": "token"}}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "id"}}
+    assert env["HF_HUB_OFFLINE"]["value"] == "0"
+    assert container["envFrom"] == [{"secretRef": {"name": "storage"}, "prefix": "S3_"}]
+
+
+def test_pods_are_restricted_without_a_hard_coded_user() -> None:
+    context = pods.batch_job(job(), owner(), "qs-1", 1, ch.Settings())["spec"]["template"]["spec"][
+        "securityContext"
+    ]
+    assert context["runAsNonRoot"] is True and "runAsUser" not in context
+    assert "fsGroup" not in context and context["fsGroupChangePolicy"] == "OnRootMismatch"
+    chosen = ch.Settings(run_as_user=1001, fs_group=2000)
+    context = pods.batch_job(job(), owner(), "qs-1", 1, chosen)["spec"]["template"]["spec"][
+        "securityContext"
+    ]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1001, 1001, 2000)

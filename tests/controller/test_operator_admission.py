@@ -87,3 +87,42 @@ def test_a_quota_that_refuses_the_job_shows_until_it_is_lifted(
 
     core.delete_namespaced_resource_quota("no-jobs", ns)
     wait_phase(cluster_api, ns, name, "Succeeded", kwok_operator, 90)
+
+
+def test_secrets_reach_the_pods_by_reference_and_nowhere_else(
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    kwok_operator: Operator,
+    tiny_model: Path,
+) -> None:
+    """A Hub token and storage credentials, by reference: the pods get secretKeyRefs, and the
+    value is in no ConfigMap, status, Event or operator log (the operator cannot even read
+    Secrets: its RBAC has no rule for them)."""
+    ns, name, value = cluster_namespace, "gated", "hf_s3cr3tT0kenValue"
+    core = client.CoreV1Api(cluster_api)
+    core.create_namespaced_secret(
+        ns, {"metadata": {"name": "hub"}, "stringData": {"token": value, "id": value}}
+    )
+    changes = {
+        "spec": {
+            **ON_KWOK,
+            "model": {"path": None, "hfRepo": "org/gated-model", "tokenSecret": {"name": "hub"}},
+            "env": [{"name": "AWS_ACCESS_KEY_ID",
+                     "valueFrom": {"secretKeyRef": {"name": "hub", "key": "id"}}}],
+            "envFrom": [{"secretRef": "hub", "prefix": "STORAGE_"}],
+        }
+    }  # fmt: skip
+    create(cluster_api, ns, quickstart(tiny_model, name, changes))
+    done = wait_phase(cluster_api, ns, name, "Succeeded", kwok_operator, 90)
+    pod = core.list_namespaced_pod(ns, label_selector=f"kubetune.io/job-name={name}").items[0]
+    env = {e.name: e for e in pod.spec.containers[0].env}
+    assert env["HF_TOKEN"].value_from.secret_key_ref.name == "hub"
+    assert env["AWS_ACCESS_KEY_ID"].value_from.secret_key_ref.key == "id"
+    assert pod.spec.containers[0].env_from[0].secret_ref.name == "hub"
+    places = {
+        "configmaps": str([c.data for c in core.list_namespaced_config_map(ns).items]),
+        "status": str(done["status"]),
+        "events": str([e.message for e in core.list_namespaced_event(ns).items]),
+        "operator log": kwok_operator.log.read_text(errors="replace"),
+    }
+    assert [where for where, text in places.items() if value in text] == []

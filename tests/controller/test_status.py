@@ -372,3 +372,13 @@ def test_suspended_under_a_queue_has_no_job_and_resumes_the_same_attempt() -> No
     status, _ = st.compute(suspended, {}, NOW)
     assert status["phase"] == "Suspended"
     assert st.next_attempt(observed(queued=True), {}) == 1
+
+
+def test_a_url_with_credentials_in_the_trainers_message_is_hidden_everywhere() -> None:
+    message = "error: cannot download https://bob:hunter2@data.example.com/x.jsonl?sig=S1GN"
+    failed = observed(jobs=[failed_job(1, "PodFailurePolicy", NOW)],
+                      pods=[pod("Failed", message=message)], now=NOW)  # fmt: skip
+    status, events = st.compute(failed, {}, NOW)
+    text = json.dumps(status) + json.dumps([e.message for e in events])
+    assert "hunter2" not in text and "S1GN" not in text
+    assert "https://***@data.example.com/x.jsonl?sig=***" in status["message"]

@@ -396,6 +396,64 @@ class VolumeSpec(KubeModel):
     """Mount read-only."""
 
 
+class KeyRef(KubeModel):
+    """A key of a Secret or ConfigMap in the job's namespace."""
+
+    name: Name
+    """Name of the Secret or ConfigMap."""
+    key: str
+    """Key within it."""
+
+
+class EnvValueFrom(KubeModel):
+    """Where an environment variable's value comes from: exactly one of the two."""
+
+    secret_key_ref: KeyRef | None = None
+    """A Secret's key (read by the kubelet; the operator never reads it)."""
+    config_map_key_ref: KeyRef | None = None
+    """A ConfigMap's key."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            "set exactly one of secretKeyRef or configMapKeyRef",
+        ),
+    )
+
+
+class EnvVar(KubeModel):
+    """An environment variable of the training containers (e.g. storage credentials)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", max_length=253)]
+    """Variable name."""
+    value: str | None = None
+    """A literal value (never a secret: use valueFrom)."""
+    value_from: EnvValueFrom | None = None
+    """A Secret's or ConfigMap's key."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
+    )
+
+
+class EnvFrom(KubeModel):
+    """Every key of a Secret or ConfigMap as environment variables: exactly one of the two."""
+
+    secret_ref: str | None = None
+    """Name of a Secret."""
+    config_map_ref: str | None = None
+    """Name of a ConfigMap."""
+    prefix: str | None = None
+    """Prepended to every variable name."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "has(self.secretRef) != has(self.configMapRef)",
+            "set exactly one of secretRef or configMapRef",
+        ),
+    )
+
+
 class ImageSpec(KubeModel):
     """Container image overrides."""
 
@@ -432,3 +490,7 @@ class FineTuneJobSpec(KubeModel):
     """Extra volumes (models, datasets) mounted into the pods."""
     image: ImageSpec = Field(default_factory=ImageSpec)
     """Image overrides."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra environment of the training containers (credentials by reference)."""
+    env_from: list[EnvFrom] = Field(default_factory=list, max_length=16)
+    """Secrets or ConfigMaps whose every key becomes an environment variable."""

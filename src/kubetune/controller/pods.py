@@ -131,7 +131,9 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
             # environment variable, not a flag: an older trainer image ignores it.
             {"name": IF_FINISHED_ENV, "value": "reuse"},
             *_token_env(spec),
+            *[_env_var(var) for var in spec.env],
         ],
+        "envFrom": [_env_from(source) for source in spec.env_from],
         "ports": [
             {"name": "metrics", "containerPort": settings.metrics_port},
             {"name": "rendezvous", "containerPort": settings.master_port},
@@ -203,6 +205,30 @@ def _token_env(spec: FineTuneJobSpec) -> list[Obj]:
             "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
         }
     ]
+
+
+def _env_var(var: Any) -> Obj:
+    """An EnvVar of the spec as core/v1 writes it (valueFrom by reference only)."""
+    out: Obj = {"name": var.name}
+    if var.value is not None:
+        out["value"] = var.value
+    source = var.value_from
+    if source is not None:
+        ref = source.secret_key_ref or source.config_map_key_ref
+        kind = "secretKeyRef" if source.secret_key_ref else "configMapKeyRef"
+        out["valueFrom"] = {kind: {"name": ref.name, "key": ref.key}}
+    return out
+
+
+def _env_from(source: Any) -> Obj:
+    out: Obj = (
+        {"secretRef": {"name": source.secret_ref}}
+        if source.secret_ref
+        else {"configMapRef": {"name": source.config_map_ref}}
+    )
+    if source.prefix:
+        out["prefix"] = source.prefix
+    return out
 
 
 def batch_job(

@@ -6,9 +6,9 @@ move unless the user asked for a new run. The fields of a spec fall into three g
     start a new run   model, data, method, training, distributed, volumes,
                       output.claimName / claimTemplate / subPath, the retrain-token annotation
     next run only     evaluation, output.merge / maxShardSize / dtype / keepAdapter
-    at once           runPolicy (retries, deadline, suspend, TTL), resources and image
-                      (resources and image reach the pods from the next attempt: a Job's pod
-                      template cannot change)
+    at once           runPolicy (retries, deadline, suspend, TTL), resources, image, env and
+                      envFrom (all but runPolicy reach the pods from the next attempt: a
+                      Job's pod template cannot change)
 
 When a run starts, the spec minus the "at once" sections is recorded with it
 (`status.currentRun.spec`); every attempt of the run, retries included, is rendered from that
@@ -38,7 +38,7 @@ from kubetune.api.spec import FineTuneJobSpec
 
 Obj = dict[str, Any]
 
-APPLY_AT_ONCE = ("runPolicy", "resources", "image")
+APPLY_AT_ONCE = ("runPolicy", "resources", "image", "env", "envFrom")
 """Spec sections read from the live object, never recorded with a run."""
 NEXT_RUN_ONLY: dict[str, tuple[str, ...]] = {
     "evaluation": (),  # () = the whole section

@@ -8,7 +8,7 @@ moment computes the same answer from the same objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from kubetune.controller.observe import (
 )
 from kubetune.controller.observe import conditions_of as _conditions
 from kubetune.controller.progress import Progress, format_eta, parse_summary
+from kubetune.controller.redact import redact
 
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended")
 
@@ -262,6 +263,8 @@ class Transition:
 def compute(observed: Observed, previous: Obj, now: datetime) -> tuple[Obj, list[Transition]]:
     """The new status (full; lists whole) and the Events that go with the change."""
     judged = verdict(observed, previous)
+    # Messages quote the trainer's errors, which may quote URLs with credentials.
+    judged = replace(judged, message=redact(judged.message))
     # The current run has no unfinished record: a run superseded earlier and now current
     # again (a revert) records its outcome when it finishes.
     runs = [
