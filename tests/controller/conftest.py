@@ -85,9 +85,13 @@ class Operator:
         return None
 
     def assert_permitted(self) -> None:
-        """Nothing the operator (or kopf) tried was refused by RBAC."""
-        refused = [line for line in self.log.read_text(errors="replace").splitlines()
-                   if "Forbidden" in line or " 403 " in line or "permissions" in line]  # fmt: skip
+        """Nothing the operator (or kopf) tried was refused by RBAC (a 403 of a quota is not
+        RBAC's: it names no user)."""
+        refused = [
+            line for line in self.log.read_text(errors="replace").splitlines()
+            if "Not enough permissions" in line
+            or ("system:serviceaccount:" in line and "cannot" in line)
+        ]  # fmt: skip
         assert not refused, "\n".join(refused[:10])
 
     def tail(self, lines: int = 60) -> str:
