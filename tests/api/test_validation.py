@@ -80,6 +80,17 @@ INVALID = [
         "spec.distributed.deepspeed.offload: offload needs zeroStage 2 or 3",
     ),
     ({"spec__model": None}, "spec.model: required field is missing"),
+    (
+        {"spec__env": [{"name": "RANK", "value": "3"}]},
+        "spec.env[0].name: is set by the distributed launch",
+    ),
+    (
+        {
+            "spec__model": {"hfRepo": "org/m", "tokenSecret": {"name": "hub"}},
+            "spec__env": [{"name": "HF_TOKEN", "value": "x"}],
+        },
+        "spec.env: HF_TOKEN comes from model.tokenSecret",
+    ),
 ]
 
 

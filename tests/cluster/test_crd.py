@@ -134,6 +134,27 @@ INVALID = [
         "spec.output",
         "set exactly one of claimName or claimTemplate",
     ),
+    (
+        "env-overrides-the-launch",
+        _set("env", [{"name": "NODE_RANK", "value": "0"}]),
+        "spec.env[0].name",
+        "is set by the distributed launch",
+    ),
+    (
+        "hub-token-twice",
+        _all(
+            _set("model", {"hfRepo": "org/model", "tokenSecret": {"name": "hub"}}),
+            _set("env", [{"name": "HF_TOKEN", "value": "x"}]),
+        ),
+        "spec.env",
+        "HF_TOKEN comes from model.tokenSecret",
+    ),
+    (
+        "env-from-both",
+        _set("envFrom", [{"secretRef": "a", "configMapRef": "b"}]),
+        "spec.envFrom[0]",
+        "set exactly one of secretRef or configMapRef",
+    ),
 ]
 
 

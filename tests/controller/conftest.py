@@ -89,7 +89,7 @@ class Operator:
         RBAC's: it names no user)."""
         refused = [
             line for line in self.log.read_text(errors="replace").splitlines()
-            if "Not enough permissions" in line
+            if "Not enough permissions" in line or "cannot post the Event" in line
             or ("system:serviceaccount:" in line and "cannot" in line)
         ]  # fmt: skip
         assert not refused, "\n".join(refused[:10])

@@ -396,12 +396,21 @@ class VolumeSpec(KubeModel):
     """Mount read-only."""
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+RESERVED_ENV = (
+    "NODE_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX", "KUBETUNE_RUN_ID",
+    "KUBETUNE_IF_FINISHED",
+)  # fmt: skip
+"""Set by the operator or torchrun for the distributed launch: a spec may not override them."""
+
+
 class KeyRef(KubeModel):
     """A key of a Secret or ConfigMap in the job's namespace."""
 
     name: Name
     """Name of the Secret or ConfigMap."""
-    key: str
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
     """Key within it."""
 
 
@@ -424,8 +433,8 @@ class EnvValueFrom(KubeModel):
 class EnvVar(KubeModel):
     """An environment variable of the training containers (e.g. storage credentials)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", max_length=253)]
-    """Variable name."""
+    name: Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=253)]
+    """Variable name (not one the distributed launch sets, e.g. NODE_RANK or RANK)."""
     value: str | None = None
     """A literal value (never a secret: use valueFrom)."""
     value_from: EnvValueFrom | None = None
@@ -433,17 +442,22 @@ class EnvVar(KubeModel):
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
+        Rule(
+            "!(self.name in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "])",
+            "is set by the distributed launch; choose another name",
+            ".name",
+        ),
     )
 
 
 class EnvFrom(KubeModel):
     """Every key of a Secret or ConfigMap as environment variables: exactly one of the two."""
 
-    secret_ref: str | None = None
+    secret_ref: Name | None = None
     """Name of a Secret."""
-    config_map_ref: str | None = None
+    config_map_ref: Name | None = None
     """Name of a ConfigMap."""
-    prefix: str | None = None
+    prefix: Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=253)] | None = None
     """Prepended to every variable name."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -467,6 +481,15 @@ class ImageSpec(KubeModel):
 
 class FineTuneJobSpec(KubeModel):
     """A supervised fine-tuning run of a chat LLM."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.model.tokenSecret) || !has(self.env) || "
+            "!self.env.exists(e, e.name == 'HF_TOKEN')",
+            "HF_TOKEN comes from model.tokenSecret; do not set it in env as well",
+            ".env",
+        ),
+    )
 
     model: ModelSpec
     """The base model."""

@@ -86,7 +86,10 @@ class SafetyNet:
         for body in self.reconciler.known():
             uid = body["metadata"]["uid"]
             interval = self.config.reconcile_interval
-            expires = self.reconciler.expires_at(body)
+            try:
+                expires = self.reconciler.expires_at(body)
+            except (TypeError, ValueError):  # a malformed object must not stop the others
+                expires = None
             if self.reconciler.finished(body):
                 # Nothing left to do on time, but the TTL deletion when it is due.
                 interval = self.config.finished_interval

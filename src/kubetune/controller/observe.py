@@ -175,7 +175,10 @@ def next_attempt(observed: Observed, previous: Obj) -> int | None:
     if observed.spec_error or finished_phase(previous, observed.run):
         return None
     state = attempt_state(observed)
-    if observed.suspend and observed.queued and state in ("missing", "failed"):
+    retry_left = observed.attempt <= observed.backoff_limit
+    if observed.suspend and observed.queued and (state == "missing" or (
+        state == "failed" and retry_left
+    )):  # fmt: skip
         # Suspended under a Kueue queue: no Job at all (a suspended Job would be unsuspended
         # by Kueue as soon as its workload is admitted); resuming creates it again.
         return None
@@ -234,10 +237,13 @@ create them)."""
 
 
 def podless_for(observed: Observed) -> float:
-    """Seconds the latest Job has existed without an active pod (0 when it has one)."""
-    created = parse_time((observed.latest or {}).get("metadata", {}).get("creationTimestamp"))
-    if created is None or observed.now is None:
+    """Seconds the latest Job has been running (created, or last resumed: startTime) without
+    an active pod; 0 when it has one or is suspended (queued by Kueue, or paused)."""
+    job = observed.latest or {}
+    status = job.get("status") or {}
+    if observed.now is None or status.get("active") or (job.get("spec") or {}).get("suspend"):
         return 0.0
-    if (observed.latest or {}).get("status", {}).get("active"):
-        return 0.0
-    return (observed.now - created).total_seconds()
+    times = [parse_time(job.get("metadata", {}).get("creationTimestamp")),
+             parse_time(status.get("startTime"))]  # fmt: skip
+    since = max((t for t in times if t is not None), default=None)
+    return 0.0 if since is None else (observed.now - since).total_seconds()

@@ -47,7 +47,7 @@ def post_event(api: client.ApiClient, meta: Mapping[str, Any], event: st.Transit
             meta["namespace"], body, _request_timeout=REQUEST_TIMEOUT
         )
     except client.ApiException as err:  # an Event is never worth a failed reconcile
-        log.warning("cannot post the Event %s: %s", event.reason, err.reason)
+        log.warning("cannot post the Event %s: HTTP %s %s", event.reason, err.status, err.body)
 
 
 def count(metrics: OperatorMetrics, meta: Mapping[str, Any], previous: Obj, status: Obj) -> None:

@@ -223,7 +223,7 @@ def _env_var(var: Any) -> Obj:
 def _env_from(source: Any) -> Obj:
     out: Obj = (
         {"secretRef": {"name": source.secret_ref}}
-        if source.secret_ref
+        if source.secret_ref is not None
         else {"configMapRef": {"name": source.config_map_ref}}
     )
     if source.prefix:

@@ -66,7 +66,10 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
     state = attempt_state(observed)
     if done and state == "missing":
         return Verdict(done, f"Run{done}", f"run {observed.run} {done.lower()}")
-    if observed.suspend and observed.queued and state in ("missing", "failed"):
+    retry_left = observed.attempt <= observed.backoff_limit and done != "Failed"
+    if observed.suspend and observed.queued and (state == "missing" or (
+        state == "failed" and retry_left
+    )):  # fmt: skip
         return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     attempts = f"attempt {observed.attempt} of {observed.backoff_limit + 1}"
     last_words = _last_words(observed.pods)
@@ -104,8 +107,6 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     if state == "missing":
         return Verdict("Pending", "Creating", f"creating the Job of run {observed.run}", True)
-    if observed.suspend:
-        return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     if state == "suspended":
         return Verdict("Queued", "Queued", "the Job waits for admission (Kueue)", True)
     # A pod that finished well still counts until the Job controller marks the Job Complete
@@ -193,7 +194,7 @@ def _current_run(observed: Observed, previous: Obj, verdict: Verdict, now: datet
     run: Obj = {
         "id": observed.run,
         # Without Jobs (an invalid spec, a finished run's Jobs gone) the attempt stays.
-        "attempt": max(observed.attempt, 1) if observed.jobs or not same else old["attempt"],
+        "attempt": max(observed.attempt, 1) if observed.jobs or not same else old.get("attempt", 1),
         "generation": old.get("generation") if same else observed.generation,
         "startedAt": old.get("startedAt") if same else earlier.get("startedAt", timestamp(now)),
     }

@@ -122,11 +122,8 @@ class Children:
         holders = [r.get("uid") for r in meta.get("ownerReferences") or []]
         kind, name = existing.get("kind") or "object", meta["name"]
         labels = meta.get("labels") or {}
-        if (
-            not holders
-            and labels.get(ch.JOB_LABEL) == owner.name
-            and st.job_state(existing) == ("failed")
-        ):
+        finished_badly = st.job_state(existing) in ("failed", "rejected", "deadline")
+        if not holders and labels.get(ch.JOB_LABEL) == owner.name and finished_badly:
             # A failed orphan would spend an attempt of this object's: delete it, wait.
             if delete is not None:
                 _ignore_missing(partial(delete, _request_timeout=REQUEST_TIMEOUT))
@@ -172,12 +169,14 @@ class Children:
         if job.spec.resources.queue_name:
             if not want:
                 return latest
+            # Foreground: the Job stays (deleting) until its pods are gone, so a quick resume
+            # cannot start a second trainer beside a dying one on the same checkpoints.
             _ignore_missing(
                 partial(
                     client.BatchV1Api(self.api).delete_namespaced_job,
                     meta["name"],
                     meta["namespace"],
-                    propagation_policy="Background",
+                    propagation_policy="Foreground",
                     _request_timeout=REQUEST_TIMEOUT,
                 )
             )
