@@ -26,7 +26,7 @@ def test_an_invalid_spec_keeps_the_current_run_and_its_record() -> None:
         "phase": "Running",
     }
     err = SpecError([Problem("spec.training", "no good")])
-    observed = rc._invalid(previous, "qs", {"training": {}}, 5, None, err, NOW)
+    observed = st.invalid_spec(previous, "qs-bbbbbbbb", 5, str(err), NOW)
     status, events = st.compute(observed, previous, NOW)
     assert status["phase"] == "Failed"
     assert status["currentRun"]["id"] == "qs-aaaaaaaa"

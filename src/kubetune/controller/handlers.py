@@ -28,6 +28,7 @@ from kubernetes import client
 
 from kubetune.api.spec import GROUP, PLURAL, VERSION
 from kubetune.controller import children as ch
+from kubetune.controller import status as st
 from kubetune.controller.reconciler import Config, Reconciler
 
 Obj = dict[str, Any]
@@ -86,11 +87,12 @@ class SafetyNet:
         for body in self.reconciler.known():
             uid = body["metadata"]["uid"]
             interval = self.config.reconcile_interval
+            status = self.reconciler.status_of(body)
             try:
-                expires = self.reconciler.expires_at(body)
+                expires = expires_at(body, status)
             except (TypeError, ValueError):  # a malformed object must not stop the others
                 expires = None
-            if self.reconciler.finished(body):
+            if status.get("phase") in st.TERMINAL:
                 # Nothing left to do on time, but the TTL deletion when it is due.
                 interval = self.config.finished_interval
                 if expires is not None and expires <= now:
@@ -107,6 +109,21 @@ class SafetyNet:
         finally:
             with self._lock:
                 self._in_flight.discard(uid)
+
+
+def expires_at(body: Mapping[str, Any], status: Obj) -> float | None:
+    """When ttlSecondsAfterFinished deletes this finished FineTuneJob (epoch seconds)."""
+    ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    phase = status.get("phase")
+    if ttl is None or phase not in st.TERMINAL:
+        return None
+    since = next(
+        (c.get("lastTransitionTime") for c in status.get("conditions") or []
+         if c.get("type") == phase),
+        None,
+    )  # fmt: skip
+    finished = st.parse_time(since)
+    return None if finished is None else finished.timestamp() + float(ttl)
 
 
 def _slim(body: Mapping[str, Any]) -> Obj:

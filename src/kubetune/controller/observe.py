@@ -247,3 +247,20 @@ def podless_for(observed: Observed) -> float:
              parse_time(status.get("startTime"))]  # fmt: skip
     since = max((t for t in times if t is not None), default=None)
     return 0.0 if since is None else (observed.now - since).total_seconds()
+
+
+def invalid_spec(
+    previous: Obj, fallback_run: str, generation: int, error: str, now: datetime
+) -> Observed:
+    """What an invalid spec observes: the current run and its record unchanged; this
+    generation observed (kstatus then reads Stalled, not InProgress for ever)."""
+    current = previous.get("currentRun") or {}
+    return Observed(
+        generation,
+        str(current.get("id") or fallback_run),
+        "",
+        now=now,
+        run_spec=current.get("spec"),
+        spec_error=error,
+        retrain_token=current.get("retrainToken"),
+    )

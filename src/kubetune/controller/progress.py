@@ -129,3 +129,20 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT, limit: int = SCRAPE_MAX_BY
     if status_line.split(" ")[1:2] != ["200"]:
         raise ScrapeError(f"{url}: {status_line or 'no response'}")
     return body.decode(errors="replace")
+
+
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def metrics_url(pods: list[Obj]) -> str | None:
+    """Rank 0's metrics endpoint while it runs (the pod of completion index 0)."""
+    for pod in pods:
+        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+        status = pod.get("status") or {}
+        if index != "0" or status.get("phase") != "Running" or not status.get("podIP"):
+            continue
+        for container in pod["spec"]["containers"]:
+            for port in container.get("ports") or []:
+                if port.get("name") == "metrics":
+                    return f"http://{status['podIP']}:{port['containerPort']}/metrics"
+    return None

@@ -27,7 +27,7 @@ from kubetune.controller import children as ch
 from kubetune.controller import outcomes, runs
 from kubetune.controller import status as st
 from kubetune.controller.metrics import OperatorMetrics
-from kubetune.controller.progress import Progress, ScrapeError, parse_metrics, scrape
+from kubetune.controller.progress import Progress, ScrapeError, metrics_url, parse_metrics, scrape
 from kubetune.controller.sync import (
     REQUEST_TIMEOUT,
     ChildConflict,
@@ -122,29 +122,11 @@ class Reconciler:
             state = self._states.get(uid)
         return float("inf") if state is None else time.monotonic() - state.reconciled_at
 
-    def finished(self, body: Mapping[str, Any]) -> bool:
-        """Succeeded or Failed, by the freshest status known."""
+    def status_of(self, body: Mapping[str, Any]) -> Obj:
+        """The freshest status known of a FineTuneJob: the last written, else its body's."""
         with self._guard:
             state = self._states.get(body["metadata"]["uid"])
-        status = (state.status if state is not None else None) or body.get("status") or {}
-        return status.get("phase") in st.TERMINAL
-
-    def expires_at(self, body: Mapping[str, Any]) -> float | None:
-        """When ttlSecondsAfterFinished deletes this finished FineTuneJob (epoch seconds)."""
-        ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        with self._guard:
-            state = self._states.get(body["metadata"]["uid"])
-        status = (state.status if state is not None else None) or body.get("status") or {}
-        phase = status.get("phase")
-        if ttl is None or phase not in st.TERMINAL:
-            return None
-        since = next(
-            (c.get("lastTransitionTime") for c in status.get("conditions") or []
-             if c.get("type") == phase),
-            None,
-        )  # fmt: skip
-        finished = st.parse_time(since)
-        return None if finished is None else finished.timestamp() + float(ttl)
+        return dict((state.status if state is not None else None) or body.get("status") or {})
 
     def seen(self, body: Mapping[str, Any]) -> None:
         """Remember the newest body of a FineTuneJob (from its watch events). A namesake with
@@ -255,7 +237,9 @@ class Reconciler:
             # The CRD's schema and CEL rules catch nearly all of this at admission; what is
             # left (e.g. an object stored before a stricter CRD) is permanent until edited.
             # The run and its record stay as they were: an invalid spec moves nothing.
-            observed = _invalid(previous, name, live, generation, token, err, now)
+            observed = st.invalid_spec(
+                previous, runs.run_id(name, live, token), generation, str(err), now
+            )
             self._write(body, state, previous, observed, now)
             return
         choice = runs.choose(name, live, generation, token, previous)
@@ -337,7 +321,7 @@ class Reconciler:
         if time.monotonic() - state.scraped_at < self.config.status_interval:
             return state.progress
         state.scraped_at = time.monotonic()
-        url = _metrics_url(pods)
+        url = metrics_url(pods)
         if url is None:
             return state.progress
         try:
@@ -391,29 +375,6 @@ class Reconciler:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _invalid(
-    previous: Obj,
-    name: str,
-    live: Obj,
-    generation: int,
-    token: str | None,
-    err: SpecError,
-    now: datetime,
-) -> st.Observed:
-    """What an invalid spec observes: the current run and its record unchanged; this
-    generation observed (kstatus then reads Stalled, not InProgress for ever)."""
-    current = previous.get("currentRun") or {}
-    return st.Observed(
-        generation,
-        str(current.get("id") or runs.run_id(name, live, token)),
-        "",
-        now=now,
-        run_spec=current.get("spec"),
-        spec_error=str(err),
-        retrain_token=current.get("retrainToken"),
-    )
-
-
 def _document(name: str, namespace: str, spec: Obj) -> Obj:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -438,16 +399,3 @@ def _with_job(observed: st.Observed, job: Obj) -> st.Observed:
     name = job["metadata"]["name"]
     jobs = [j for j in observed.jobs if j["metadata"]["name"] != name] + [job]
     return replace(observed, jobs=jobs)
-
-
-def _metrics_url(pods: list[Obj]) -> str | None:
-    for pod in pods:
-        index = (pod["metadata"].get("annotations") or {}).get(ch.COMPLETION_INDEX_ANNOTATION)
-        status = pod.get("status") or {}
-        if index != "0" or status.get("phase") != "Running" or not status.get("podIP"):
-            continue
-        for container in pod["spec"]["containers"]:
-            for port in container.get("ports") or []:
-                if port.get("name") == "metrics":
-                    return f"http://{status['podIP']}:{port['containerPort']}/metrics"
-    return None
