@@ -9,6 +9,7 @@ from typing import Any
 
 from kubetune.controller import children as ch
 from kubetune.controller import status as st
+from kubetune.controller.observe import attempt_of
 from kubetune.controller.progress import Progress
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -382,3 +383,11 @@ def test_a_url_with_credentials_in_the_trainers_message_is_hidden_everywhere() -
     text = json.dumps(status) + json.dumps([e.message for e in events])
     assert "hunter2" not in text and "S1GN" not in text
     assert "https://***@data.example.com/x.jsonl?sig=***" in status["message"]
+
+
+def test_only_the_newest_failed_attempts_are_kept() -> None:
+    jobs = [failed_job(n, "BackoffLimitExceeded", NOW) for n in range(1, 7)] + [batch_job(7)]
+    assert [attempt_of(j) for j in st.prunable(jobs)] == [1, 2, 3]
+    assert st.prunable(jobs[:4]) == []
+    # The latest attempt is never pruned, even when it failed.
+    assert [attempt_of(j) for j in st.prunable(jobs[:6])] == [1, 2]

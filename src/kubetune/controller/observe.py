@@ -264,3 +264,15 @@ def invalid_spec(
         spec_error=error,
         retrain_token=current.get("retrainToken"),
     )
+
+
+KEEP_FAILED_ATTEMPTS = 3
+"""Failed attempts' Jobs kept (with their pods, for `kubectl logs`); older ones are deleted,
+so a run retried a hundred times does not leave a hundred Jobs."""
+
+
+def prunable(jobs: list[Obj], keep: int = KEEP_FAILED_ATTEMPTS) -> list[Obj]:
+    """The failed attempts' Jobs beyond the newest `keep`; never the latest attempt."""
+    ordered = sorted(jobs, key=attempt_of)
+    failed = [j for j in ordered[:-1] if job_state(j) in ("failed", "rejected", "deadline")]
+    return failed[: max(len(failed) - keep, 0)]

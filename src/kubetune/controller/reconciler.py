@@ -266,6 +266,10 @@ class Reconciler:
         )
         if stale or (previous.get("currentRun") or {}).get("id") not in (None, run):
             self.children.delete_other_runs(owner, base, stale)
+        old_attempts = st.prunable(mine)
+        if old_attempts:
+            self.children.prune(owner, old_attempts)
+            observed = replace(observed, jobs=[j for j in mine if j not in old_attempts])
 
         attempt = st.next_attempt(observed, previous)
         if attempt is not None and attempt != observed.attempt:

@@ -27,6 +27,7 @@ from kubetune.controller.observe import (
     next_attempt,
     parse_time,
     podless_for,
+    prunable,
     retry_in,
     termination_message,
     timestamp,
@@ -345,6 +346,7 @@ __all__ = [
     "job_state",
     "next_attempt",
     "parse_time",
+    "prunable",
     "timestamp",
     "with_progress_only_changed",
 ]

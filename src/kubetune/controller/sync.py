@@ -189,6 +189,20 @@ class Children:
         )  # fmt: skip
         return {**latest, "spec": {**(latest.get("spec") or {}), "suspend": want}}
 
+    def prune(self, owner: ch.Owner, jobs: list[Obj]) -> None:
+        """Delete old failed attempts' Jobs (and their pods)."""
+        batch = client.BatchV1Api(self.api)
+        for old in jobs:
+            _ignore_missing(
+                partial(
+                    batch.delete_namespaced_job,
+                    old["metadata"]["name"],
+                    owner.namespace,
+                    propagation_policy="Background",
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+
     def delete_other_runs(self, owner: ch.Owner, base: str, stale: list[Obj]) -> None:
         """A new run replaces the old one: its Jobs (and pods), Service and ConfigMap go; its
         outputs and checkpoints on the volume stay. Only this FineTuneJob's, by UID."""
