@@ -3,6 +3,7 @@ operator (`kubetune operator`) running as a real process against it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -131,6 +132,23 @@ def kwok_operator(
     yield running
     running.stop()
     running.assert_permitted()
+
+
+@contextlib.contextmanager
+def kwok_operator_in_own_namespace(
+    cluster: Any, api: client.ApiClient, admin_kubeconfig: Path, tmp_path: Path, prefix: str
+) -> Iterator[tuple[str, Operator]]:
+    """A fresh namespace and a kwok-played operator watching it under its least-privilege
+    ServiceAccount, for tests that change the namespace itself (labels, deletion)."""
+    with cluster.namespace(prefix) as ns:
+        kubeconfig = service_account_kubeconfig(
+            api, admin_kubeconfig, [ns], tmp_path / "sa.kubeconfig"
+        )
+        running = Operator(kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
+        try:
+            yield ns, running
+        finally:
+            running.stop()
 
 
 def ftj(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:

@@ -12,9 +12,8 @@ from kubernetes import client
 
 from tests.cluster.harness import LocalCluster
 from tests.cluster.procs import wait_until
-from tests.controller.conftest import Operator, ftj
+from tests.controller.conftest import Operator, ftj, kwok_operator_in_own_namespace
 from tests.controller.helpers import create, quickstart, wait_phase
-from tests.controller.rbac import service_account_kubeconfig
 from tests.controller.test_operator_policies import ON_KWOK, events
 
 pytestmark = pytest.mark.cluster
@@ -39,20 +38,15 @@ def test_training_pods_pass_restricted_pod_security(
     tmp_path: Path,
 ) -> None:
     core = client.CoreV1Api(cluster_api)
-    with cluster.namespace("psa") as ns:
+    with kwok_operator_in_own_namespace(
+        cluster, cluster_api, cluster_kubeconfig, tmp_path, "psa"
+    ) as (ns, running):
         core.patch_namespace(ns, {"metadata": {"labels": RESTRICTED}})
-        kubeconfig = service_account_kubeconfig(
-            cluster_api, cluster_kubeconfig, [ns], tmp_path / "sa.kubeconfig"
-        )
-        running = Operator(kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
-        try:
-            create(cluster_api, ns, quickstart(tiny_model, "strict", {"spec": ON_KWOK}))
-            wait_phase(cluster_api, ns, "strict", "Succeeded", running, 90)
-            pods = core.list_namespaced_pod(ns).items
-            assert pods, "the Job created its pods under enforce=restricted"
-            assert all(p.spec.security_context.run_as_non_root for p in pods)
-        finally:
-            running.stop()
+        create(cluster_api, ns, quickstart(tiny_model, "strict", {"spec": ON_KWOK}))
+        wait_phase(cluster_api, ns, "strict", "Succeeded", running, 90)
+        pods = core.list_namespaced_pod(ns).items
+        assert pods, "the Job created its pods under enforce=restricted"
+        assert all(p.spec.security_context.run_as_non_root for p in pods)
 
 
 def test_a_quota_that_refuses_the_job_shows_until_it_is_lifted(

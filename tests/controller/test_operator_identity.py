@@ -28,9 +28,16 @@ from kubetune.controller import children as ch
 from tests.cluster.crd import install_crd
 from tests.cluster.harness import LocalCluster
 from tests.cluster.procs import wait_until
-from tests.controller.conftest import GROUP, PLURAL, REPO, VERSION, Operator, ftj
+from tests.controller.conftest import (
+    GROUP,
+    PLURAL,
+    REPO,
+    VERSION,
+    Operator,
+    ftj,
+    kwok_operator_in_own_namespace,
+)
 from tests.controller.helpers import create, labelled, quickstart, wait_phase
-from tests.controller.rbac import service_account_kubeconfig
 from tests.controller.test_operator_lifecycle import digest
 from tests.controller.test_operator_policies import ON_KWOK, patch
 from tests.controller.upgraded_operator import NEW_FIELD
@@ -254,11 +261,9 @@ def test_deletion_never_waits_for_the_operator(
     tmp_path: Path,
 ) -> None:
     core = client.CoreV1Api(cluster_api)
-    with cluster.namespace("del") as ns:
-        kubeconfig = service_account_kubeconfig(
-            cluster_api, cluster_kubeconfig, [ns], tmp_path / "sa.kubeconfig"
-        )
-        running = Operator(kubeconfig, ns, tmp_path / "op.log", run_locally=False).start()
+    with kwok_operator_in_own_namespace(
+        cluster, cluster_api, cluster_kubeconfig, tmp_path, "del"
+    ) as (ns, running):
         try:
             create(cluster_api, ns, quickstart(tiny_model, "plain", {"spec": ON_KWOK}))
             # As an earlier operator (with a timer) left it: kopf's finalizer on the object.

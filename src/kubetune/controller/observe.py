@@ -191,8 +191,6 @@ def next_attempt(observed: Observed, previous: Obj) -> int | None:
     return observed.attempt
 
 
-RETRIED_WAITING = ("ErrImagePull", "ImagePullBackOff", "ContainerCreating", "PodInitializing")
-"""Container waiting reasons the kubelet keeps retrying; any other one needs a person."""
 PROBLEM_WAITING = (
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",

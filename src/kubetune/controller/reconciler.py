@@ -14,7 +14,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -183,27 +183,16 @@ class Reconciler:
             finally:
                 state.lock.release()
 
-    def reconcile(
-        self, body: Mapping[str, Any], jobs: Iterable[Obj], pods: Iterable[Obj], now: datetime
-    ) -> None:
-        """Reconcile one FineTuneJob with the given children (waits for a running one)."""
-        self.seen(body)
-        state = self._state(body["metadata"]["uid"])
-        assert state is not None
-        with state.lock:
-            self._timed(body, state, list(jobs), list(pods), now)
-
     def _timed(
         self,
         body: Mapping[str, Any],
         state: _State,
         jobs: list[Obj],
         pods: list[Obj],
-        now: datetime | None = None,
     ) -> None:
         started = time.monotonic()
         try:
-            self._reconcile(body, state, jobs, pods, now or datetime.now(UTC))
+            self._reconcile(body, state, jobs, pods, datetime.now(UTC))
         except Gone:
             self.gone(body["metadata"])  # deleted while no DELETED event reached us
             return
