@@ -36,7 +36,10 @@ BINARIES = (
     "kwok",
     "helm",
 )
-SERVICE_CIDR = "10.96.0.0/16"  # never routed: there is no kube-proxy; only for ClusterIP fields
+# Cluster addresses live only on this machine; none is in a private range (10/8, 172.16/12,
+# 192.168/16), so no test traffic can look as if it targets a real network. Shared CGNAT space:
+# Services 100.64.0.0/16, real nodes' IPs 100.72.0.0/16, their pods 100.96.0.0/16.
+SERVICE_CIDR = "100.64.0.0/16"
 KWOK_NODE_LABEL = "kubetune.io/kwok-node"  # kwok manages exactly the nodes with this label
 
 
@@ -115,7 +118,7 @@ class ControlPlane:
         d = self.work_dir / "pki"
         d.mkdir(exist_ok=True)
         self.ca = pki.make_ca(d)
-        sans = [f"IP:{LOOPBACK}", "DNS:localhost", "IP:10.96.0.1"]
+        sans = [f"IP:{LOOPBACK}", "DNS:localhost", "IP:100.64.0.1"]
         sans += [f"DNS:kubernetes{s}" for s in ("", ".default", ".default.svc")]
         self.serving = pki.issue(self.ca, d, "apiserver", "/CN=kube-apiserver", sans)
         self.sa = pki.make_sa_key(d)
@@ -124,6 +127,8 @@ class ControlPlane:
             "controller-manager": pki.issue(self.ca, d, "cm", pki.CONTROLLER_MANAGER, None),
             "scheduler": pki.issue(self.ca, d, "scheduler", pki.SCHEDULER, None),
         }
+        # The apiserver's identity towards kubelets (logs, exec, port-forward).
+        self.kubelet_client = pki.issue(self.ca, d, "kubelet-client", pki.KUBELET_CLIENT, None)
 
     def _launch(self, name: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log")
@@ -176,11 +181,16 @@ class ControlPlane:
                 f"--service-account-signing-key-file={self.sa.key}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # RBAC only: no Node authorizer, because the pod runner is not a real kubelet.
-                "--authorization-mode=RBAC",
+                # As on a kubeadm cluster: real kubelets are confined to their own node's
+                # objects (Node authorizer + NodeRestriction); everything else is RBAC.
+                "--authorization-mode=Node,RBAC",
                 # As on hardened clusters: setting blockOwnerDeletion needs update on the
                 # owner's finalizers (the operator's RBAC is tested against it).
-                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement,NodeRestriction",
+                f"--kubelet-client-certificate={self.kubelet_client.cert}",
+                f"--kubelet-client-key={self.kubelet_client.key}",
+                # Real nodes register a non-loopback InternalIP; no hostname resolves here.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
                 # The endpoint reconciler refuses a loopback advertise address; nothing here
                 # reaches the apiserver through the `kubernetes` Service anyway.

@@ -128,11 +128,11 @@ class LocalCluster:
     # -- helpers for tests ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def namespace(self, prefix: str = "t") -> Iterator[str]:
+    def namespace(self, prefix: str = "t", labels: dict[str, str] | None = None) -> Iterator[str]:
         """A fresh namespace with its default service account; deleted afterwards."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         core = self.core
-        core.create_namespace({"metadata": {"name": name}})
+        core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
         wait_until(
             f"service account default in {name}",
             lambda: core.read_namespaced_service_account("default", name),

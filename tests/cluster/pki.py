@@ -17,6 +17,13 @@ DAYS = "3"
 ADMIN = "/O=system:masters/CN=kubetune-test-admin"
 CONTROLLER_MANAGER = "/CN=system:kube-controller-manager"
 SCHEDULER = "/CN=system:kube-scheduler"
+# Bound to the bootstrap ClusterRole system:kubelet-api-admin when a real node starts.
+KUBELET_CLIENT = "/CN=kube-apiserver-kubelet-client"
+
+
+def node_subject(node: str) -> str:
+    """A kubelet's identity, as the Node authorizer and NodeRestriction expect it."""
+    return f"/O=system:nodes/CN=system:node:{node}"
 
 
 @dataclass(frozen=True)

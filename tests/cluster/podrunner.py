@@ -61,19 +61,25 @@ def node_manifest(name: str, labels: dict[str, str], gpus: int, taints: list[Obj
     }
 
 
-def steering_policy(label: str = RUN_LOCALLY_LABEL) -> tuple[Obj, Obj]:
-    """MutatingAdmissionPolicy + binding: labelled pods get the runner nodeSelector/toleration."""
-    toleration = f'Object.spec.tolerations{{key: "{RUNNER_LABEL}", operator: "Exists"}}'
-    selector_key = RUNNER_LABEL.replace("/", "~1")
+def steering_policy(
+    label: str = RUN_LOCALLY_LABEL,
+    node_label: str = RUNNER_LABEL,
+    selector: str = "objectSelector",
+    name: str = "kubetune-test-run-locally",
+) -> tuple[Obj, Obj]:
+    """MutatingAdmissionPolicy + binding: pods labelled ``label`` (or, with selector
+    "namespaceSelector", pods in namespaces so labelled) get the nodeSelector ``node_label=true``
+    and a toleration for the taint of the same key."""
+    toleration = f'Object.spec.tolerations{{key: "{node_label}", operator: "Exists"}}'
+    selector_key = node_label.replace("/", "~1")
     expression = f"""
       (has(object.spec.tolerations)
         ? [JSONPatch{{op: "add", path: "/spec/tolerations/-", value: {toleration}}}]
         : [JSONPatch{{op: "add", path: "/spec/tolerations", value: [{toleration}]}}])
       + (has(object.spec.nodeSelector)
         ? [JSONPatch{{op: "add", path: "/spec/nodeSelector/{selector_key}", value: "true"}}]
-        : [JSONPatch{{op: "add", path: "/spec/nodeSelector", value: {{"{RUNNER_LABEL}": "true"}}}}])
+        : [JSONPatch{{op: "add", path: "/spec/nodeSelector", value: {{"{node_label}": "true"}}}}])
     """
-    name = "kubetune-test-run-locally"
     policy = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingAdmissionPolicy",
@@ -88,7 +94,7 @@ def steering_policy(label: str = RUN_LOCALLY_LABEL) -> tuple[Obj, Obj]:
                         "resources": ["pods"],
                     }
                 ],
-                "objectSelector": {"matchLabels": {label: "true"}},
+                selector: {"matchLabels": {label: "true"}},
             },
             "failurePolicy": "Fail",
             "reinvocationPolicy": "Never",
@@ -181,11 +187,11 @@ class PodRunner:
             "reclaimPolicy": "Retain",
             "volumeBindingMode": "Immediate",
         }
-        _create_ok_if_exists(lambda: storage.create_storage_class(sc))
+        create_ok_if_exists(lambda: storage.create_storage_class(sc))
         adm = client.AdmissionregistrationV1Api(self.api_client)
         policy, binding = steering_policy()
-        _create_ok_if_exists(lambda: adm.create_mutating_admission_policy(policy))
-        _create_ok_if_exists(lambda: adm.create_mutating_admission_policy_binding(binding))
+        create_ok_if_exists(lambda: adm.create_mutating_admission_policy(policy))
+        create_ok_if_exists(lambda: adm.create_mutating_admission_policy_binding(binding))
 
     def _register_nodes(self) -> None:
         taint = {"key": RUNNER_LABEL, "value": "true", "effect": "NoSchedule"}
@@ -196,7 +202,7 @@ class PodRunner:
         }
         for name in self.node_names:
             node = node_manifest(name, labels, self.gpus_per_node, [taint])
-            _create_ok_if_exists(lambda node=node: self.core.create_node(node))
+            create_ok_if_exists(lambda node=node: self.core.create_node(node))
             self._report_node_ready(name)
 
     def _report_node_ready(self, name: str) -> None:
@@ -255,7 +261,7 @@ class PodRunner:
             if exc.status != 404:
                 raise
             lease = {"metadata": {"name": name, "namespace": "kube-node-lease"}, "spec": spec}
-            _create_ok_if_exists(lambda: coord.create_namespaced_lease("kube-node-lease", lease))
+            create_ok_if_exists(lambda: coord.create_namespaced_lease("kube-node-lease", lease))
 
     # -- pods --------------------------------------------------------------------------------
 
@@ -374,6 +380,9 @@ class PodRunner:
     def _provision(self, meta: Obj, spec: Obj) -> None:
         path = self.root / "volumes" / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
         path.mkdir(parents=True, exist_ok=True)
+        # World-writable, as kind's local-path-provisioner makes its volumes: a pod on the real
+        # node runs as its image's non-root user and has no fsGroup unless the operator sets one.
+        path.chmod(0o777)
         size = (spec.get("resources", {}).get("requests") or {}).get("storage", "1Gi")
         pv = {
             "apiVersion": "v1",
@@ -398,7 +407,7 @@ class PodRunner:
                 },
             },
         }
-        _create_ok_if_exists(lambda: self.core.create_persistent_volume(pv))
+        create_ok_if_exists(lambda: self.core.create_persistent_volume(pv))
 
     # -- watching ----------------------------------------------------------------------------
 
@@ -428,7 +437,7 @@ class PodRunner:
                 self._stop.wait(0.5)
 
 
-def _create_ok_if_exists(create: Callable[[], Any]) -> None:
+def create_ok_if_exists(create: Callable[[], Any]) -> None:
     try:
         create()
     except ApiException as exc:

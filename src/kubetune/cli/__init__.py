@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from kubetune import __version__
 from kubetune.cli import chat_cmd, crd_cmd, merge_cmd, operator_cmd, train_cmd, validate_cmd
 
 Command = Callable[[argparse.Namespace], int]
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune chat LLMs locally or on Kubernetes."
     )
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (train_cmd, validate_cmd, merge_cmd, chat_cmd, crd_cmd, operator_cmd):
         module.register(commands)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from kubetune import __version__
 from kubetune.api import FineTuneJob
 from kubetune.api.spec import GROUP, KIND, VERSION
 
@@ -56,7 +57,8 @@ HF_TOKEN_ENV = "HF_TOKEN"  # read by huggingface_hub for gated and private repos
 class Settings:
     """Operator-wide settings that shape every rendered child."""
 
-    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    # The image `make images` builds for this release (images/Dockerfile, target trainer).
+    trainer_image: str = f"ghcr.io/kubetune/trainer:{__version__}"
     pod_labels: dict[str, str] = field(default_factory=dict)
     """Extra labels on every training pod (e.g. for a PodMonitor, or the test pod runner)."""
     metrics_port: int = 9090

@@ -87,11 +87,15 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
         {"name": "config", "mountPath": settings.config_mount, "readOnly": True},
         {"name": "output", "mountPath": settings.output_mount},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     volumes: list[Obj] = [
         {"name": "config", "configMap": {"name": base_name(run)}},
         {"name": "output", "persistentVolumeClaim": {"claimName": claim_name(job)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shared_memory)}},
+        # The root filesystem is read-only; caches (HF_HOME, the converted model, Triton's
+        # kernels) go to /tmp, where the trainer image points them, on the node's disk.
+        {"name": "tmp", "emptyDir": {}},
     ]
     for extra in spec.volumes:
         mounts.append(
@@ -145,6 +149,7 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },

@@ -24,6 +24,7 @@ grep -q "k8s.io/kubernetes v${K8S_VERSION}\$" "$here/kubernetes/go.mod" \
   && grep -q "go.etcd.io/etcd/server/v3 v${ETCD_VERSION}\$" "$here/etcd/go.mod" \
   && grep -q "sigs.k8s.io/kwok v${KWOK_VERSION}\$" "$here/kwok/go.mod" \
   && grep -q "helm.sh/helm/v${HELM_VERSION%%.*} v${HELM_VERSION}\$" "$here/helm/go.mod" \
+  && grep -q "github.com/coredns/coredns v${COREDNS_VERSION}\$" "$here/coredns/go.mod" \
   || { echo "go.mod files do not match versions.env: run $0 --update" >&2; exit 1; }
 
 command -v go >/dev/null || { echo "go is not installed (apt-get install golang or /usr/local/go)" >&2; exit 1; }
@@ -57,6 +58,11 @@ build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kube_ld"
 build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kube_ld"
 build kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$kube_ld"
 build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$kube_ld"
+# The real node: kubelet and kube-proxy from the same release as the control plane.
+build kubernetes kubelet k8s.io/kubernetes/cmd/kubelet "$kube_ld"
+build kubernetes kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$kube_ld"
+build coredns coredns github.com/coredns/coredns
+build pause pause .
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok
 build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=v${HELM_VERSION}"
 # kwok ships no stages inside its binary (kwokctl passes them); take the "fast" node and pod

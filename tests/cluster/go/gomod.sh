@@ -42,3 +42,4 @@ gen_kubernetes
 gen_simple etcd go.etcd.io/etcd/server/v3 "v${ETCD_VERSION}"
 gen_simple kwok sigs.k8s.io/kwok "v${KWOK_VERSION}"
 gen_simple helm "helm.sh/helm/v${HELM_VERSION%%.*}" "v${HELM_VERSION}"
+gen_simple coredns github.com/coredns/coredns "v${COREDNS_VERSION}"

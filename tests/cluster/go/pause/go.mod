@@ -1,0 +1,3 @@
+module kubetune.test/cluster/pause
+
+go 1.26.0
