@@ -78,6 +78,10 @@ class RealNode:
     name: str = "real-0"
     image_archives: list[Path] = field(default_factory=list)
     start_timeout: float = 120.0
+    fake_gpus: int = 1
+    """`nvidia.com/gpu` the node advertises with no GPU behind it (this machine has none), so
+    that manifests written for GPU clusters schedule here unchanged; the trainer finds no CUDA
+    and trains on the CPU. The only stand-in on this node."""
 
     def __post_init__(self) -> None:
         self.procs: list[ManagedProcess] = []
@@ -105,6 +109,7 @@ class RealNode:
             self._grant_apiserver_kubelet_access()
             self._start_coredns()
             self._start_kubelet()
+            self._advertise_gpus()
             self._steer_labelled_namespaces()
         except BaseException:
             self.stop()
@@ -329,6 +334,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             interval=0.5,
             alive=proc.exit_reason,
         )
+
+    def _advertise_gpus(self) -> None:
+        """An extended resource advertised by patching the node's status, as Kubernetes
+        documents for resources without a device plugin; the kubelet keeps it."""
+        if not self.fake_gpus:
+            return
+        amount = str(self.fake_gpus)
+        patch = [
+            {"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": amount},
+        ]
+        core = client.CoreV1Api(self._api())
+        core.patch_node_status(self.name, patch)  # a list body: sent as a JSON patch
+
+        def advertised() -> bool:
+            node = core.read_node(self.name)
+            return (node.status.allocatable or {}).get("nvidia.com/gpu") == amount
+
+        wait_until("the fake GPU allocatable", advertised, 60, interval=0.5)
 
     def _steer_labelled_namespaces(self) -> None:
         """Pods in namespaces labelled kubetune.io/real-node=true go to this node (and only

@@ -35,6 +35,10 @@ class SecretKeyRef(KubeModel):
     """Key within the Secret."""
 
 
+PACKAGE_SCHEME = "pkg:"
+"""`model.path: pkg:<package>/<file>`: a file inside an installed Python package."""
+
+
 class ModelSpec(KubeModel):
     """The base model: exactly one of `path`, `hfRepo` or `url`."""
 
@@ -113,6 +117,13 @@ class DataSpec(KubeModel):
     """Pack several samples into each sequence (attention never crosses samples)."""
     validation_split: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of samples held out for evaluation."""
+    config_map: str | None = Field(
+        default=None, alias="configMap", max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+    )
+    """On a cluster: a ConfigMap holding the files of relative dataset paths, one key per file
+    name (`kubectl create configmap --from-file`, or a kustomize configMapGenerator); pods see
+    them where the manifest's directory would be. Locally the files are read from disk. At most
+    1 MiB in all; put larger data on a volume or behind a URL."""
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

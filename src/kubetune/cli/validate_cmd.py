@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import FineTuneJob, SpecError, load_manifest
+from kubetune.api.pod_paths import local_only_paths
 
 LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32;1m", "\033[0m"
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.manifest}: FineTuneJob {job.name!r}: spec is valid")
+    for problem in local_only_paths(job.spec):
+        print(f"WARNING: {args.manifest}: trains here, but not on a cluster: {problem}",
+              file=sys.stderr)  # fmt: skip
     if args.spec_only:
         return 0
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import FineTuneJob
+from kubetune.api.pod_paths import config_map_items
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.controller.children import (
     ATTEMPT_LABEL,
@@ -90,7 +91,7 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     volumes: list[Obj] = [
-        {"name": "config", "configMap": {"name": base_name(run)}},
+        {"name": "config", "projected": {"sources": _config_sources(spec, run)}},
         {"name": "output", "persistentVolumeClaim": {"claimName": claim_name(job)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shared_memory)}},
         # The root filesystem is read-only; caches (HF_HOME, the converted model, Triton's
@@ -180,6 +181,16 @@ def pod_template(job: FineTuneJob, owner: Owner, run: str, attempt: int, setting
         pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.image.pull_secrets]
     pod_labels = {**settings.pod_labels, **labels(owner, run), ATTEMPT_LABEL: str(attempt)}
     return {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+
+
+def _config_sources(spec: FineTuneJobSpec, run: str) -> list[Obj]:
+    """The manifest, and the user's data files at the relative paths the spec reads them
+    from: in the pod they sit next to the manifest, as on the machine that wrote it."""
+    sources: list[Obj] = [{"configMap": {"name": base_name(run)}}]
+    items = config_map_items(spec)
+    if spec.data.config_map is not None and items:
+        sources.append({"configMap": {"name": spec.data.config_map, "items": items}})
+    return sources
 
 
 def _pod_security(settings: Settings) -> Obj:

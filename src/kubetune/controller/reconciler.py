@@ -22,6 +22,7 @@ from typing import Any
 from kubernetes import client
 
 from kubetune.api import SpecError, validate_object
+from kubetune.api.pod_paths import local_only_paths
 from kubetune.api.spec import GROUP, KIND, PLURAL, VERSION
 from kubetune.controller import children as ch
 from kubetune.controller import outcomes, runs
@@ -220,14 +221,21 @@ class Reconciler:
         # An empty annotation is no token (as an absent one).
         token = (meta.get("annotations") or {}).get(ch.RETRAIN_TOKEN_ANNOTATION) or None
         live = copy.deepcopy(dict(body["spec"]))
+        error: str | None = None
         try:
-            validate_object(_document(name, namespace, live))
+            checked = validate_object(_document(name, namespace, live))
         except SpecError as err:
             # The CRD's schema and CEL rules catch nearly all of this at admission; what is
             # left (e.g. an object stored before a stricter CRD) is permanent until edited.
+            error = str(err)
+        else:
+            # Valid, but with paths only the manifest's own machine can read: refused before
+            # any pod starts, as permanent as an invalid spec.
+            error = "; ".join(local_only_paths(checked.spec)) or None
+        if error is not None:
             # The run and its record stay as they were: an invalid spec moves nothing.
             observed = st.invalid_spec(
-                previous, runs.run_id(name, live, token), generation, str(err), now
+                previous, runs.run_id(name, live, token), generation, error, now
             )
             self._write(body, state, previous, observed, now)
             return

@@ -18,10 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.spec import ModelSpec
+from kubetune.api.spec import PACKAGE_SCHEME, ModelSpec
 from kubetune.trainer.data.sources import cache_dir, download
-
-PACKAGE_SCHEME = "pkg:"
 
 
 class ModelSourceError(ValueError):
