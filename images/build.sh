@@ -2,6 +2,8 @@
 # `make images`: builds kubetune's trainer and operator images into OCI archives with no Docker
 # daemon and no registry, from a Debian bookworm base made here with mmdebstrap:
 #   images/build.sh [trainer|operator ...]      (default: both)
+#   images/build.sh --check-reproducible NAME   rebuild NAME without the layer cache and
+#                                               compare image IDs (exit 1 if they differ)
 # Output: dist/images/<name>.oci.tar (named ghcr.io/kubetune/<name>:<version>) and dist/images/<name>.id
 # (the image ID, which test harnesses use to skip re-importing an unchanged image).
 #
@@ -13,6 +15,11 @@
 # Needs: buildah, mmdebstrap (Debian packages), run as root (buildah --isolation chroot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+check=
+if [[ "${1:-}" == --check-reproducible ]]; then
+  check=${2:?usage: build.sh --check-reproducible trainer|operator}
+  set -- "$check"
+fi
 names=("$@")
 [[ ${#names[@]} -gt 0 ]] || names=(trainer operator)
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' src/kubetune/__init__.py)
@@ -69,3 +76,19 @@ for name in "${names[@]}"; do
     stage "wrote $out/$name.oci.tar ($(du -m "$out/$name.oci.tar" | cut -f1) MiB)"
   fi
 done
+
+# Images no tag and no later step uses any more (earlier builds of these tags): a trainer
+# image is 6 GB, and the layer cache of the current builds stays.
+"${bah[@]}" rmi --prune >/dev/null 2>&1 || true
+
+if [[ -n "$check" ]]; then
+  first=$(cat "$out/$check.id")
+  "${bah[@]}" build --quiet --isolation chroot --layers --no-cache --pull=never --timestamp 0 \
+    --build-arg "BASE_IMAGE=$base_tag" "${secret[@]}" \
+    --target "$check" -f images/Dockerfile -t "localhost/kubetune/$check:reproducible-check" . >/dev/null
+  second=$("${bah[@]}" inspect --type image --format '{{.FromImageID}}' "localhost/kubetune/$check:reproducible-check")
+  "${bah[@]}" rmi "localhost/kubetune/$check:reproducible-check" >/dev/null
+  stage "rebuilt $check without cache"
+  echo "images: $check image ID cached build $first, clean rebuild $second"
+  [[ "$first" == "$second" ]] || { echo "images: $check is not reproducible" >&2; exit 1; }
+fi

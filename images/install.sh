@@ -37,9 +37,24 @@ case "$step" in
     ;;
   project)
     src=${3:?SRC missing}
-    editable=()
-    [[ "${4:-}" == --editable ]] && editable=(--editable)
-    "$uv" pip install --quiet -p "$venv/bin/python" --no-deps "${editable[@]}" "$src"
+    if [[ "${4:-}" == --editable ]]; then
+      "$uv" pip install --quiet -p "$venv/bin/python" --no-deps --editable "$src"
+    else
+      # From a wheel built off a copy of the source (so the build leaves nothing in SRC), in a
+      # fixed directory (the wheel's path is recorded in direct_url.json).
+      build=/tmp/kubetune-wheel-build
+      rm -rf "$build" && mkdir -p "$build"
+      cp -r "$src" "$build/src"
+      "$uv" build --quiet --wheel --build-constraint "$(dirname "$0")/lock/build.txt" \
+        --out-dir "$build/dist" "$build/src"
+      "$uv" pip install --quiet -p "$venv/bin/python" --no-deps "$build"/dist/*.whl
+      rm -rf "$build"
+      # uv also notes when it installed (uv_cache.json), which only its own cache reads.
+      for info in "$venv"/lib/python3.*/site-packages/kubetune-*.dist-info; do
+        rm -f "$info/uv_cache.json"
+        sed -i '/^kubetune-[^/]*\.dist-info\/uv_cache\.json,/d' "$info/RECORD"
+      done
+    fi
     ;;
   *) echo "install.sh: unknown step '$step' (deps or project)" >&2; exit 2 ;;
 esac

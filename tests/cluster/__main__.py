@@ -64,9 +64,11 @@ def serve(state_dir: Path) -> int:
         shutil.rmtree(work)
     work.mkdir()
     cluster = LocalCluster(work_dir=work)
+    node = None
     try:
         cluster.start()
         assert cluster.runner is not None
+        node = _real_node(cluster)
         state = {
             "pid": os.getpid(),
             "kubeconfig": str(cluster.kubeconfig),
@@ -74,6 +76,7 @@ def serve(state_dir: Path) -> int:
             "process_groups": [p.pid for p in cluster.control_plane.procs],
             "runner_root": str(cluster.runner.root),
             "bin_dir": str(cluster.control_plane.bins),
+            "real_node": node.name if node else None,
         }
         tmp = _state_file(state_dir).with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -86,8 +89,26 @@ def serve(state_dir: Path) -> int:
     finally:
         with contextlib.suppress(OSError):
             _state_file(state_dir).unlink()
+        if node is not None:
+            node.stop()
         cluster.stop()
         print("cluster stopped; no process or port left", flush=True)
+
+
+def _real_node(cluster: Any) -> Any:
+    """The real node, with the images `make images` built (without them, none: said so)."""
+    from tests.cluster.fixtures import IMAGES
+    from tests.cluster.node import RealNode, missing_host_parts
+
+    archives = [IMAGES / f"{name}.oci.tar" for name in ("trainer", "operator")]
+    missing = missing_host_parts() + [str(a) for a in archives if not a.exists()]
+    if missing:
+        print(f"no real node: missing {', '.join(missing)}", flush=True)
+        return None
+    node = RealNode(cluster.control_plane, cluster.work_dir / "real-0", image_archives=archives)
+    node.start()
+    print(f"real node {node.name} ready (namespaces labelled kubetune.io/real-node=true)")
+    return node
 
 
 def up(state_dir: Path, timeout: float) -> int:

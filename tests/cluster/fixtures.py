@@ -70,6 +70,8 @@ def real_node(cluster: LocalCluster) -> Iterator[RealNode]:
         yield node
     finally:
         node.stop()
+    left = node.leftovers()
+    assert not left, f"the real node left on the host: {left}"
 
 
 @pytest.fixture

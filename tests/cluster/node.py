@@ -78,7 +78,7 @@ class RealNode:
     name: str = "real-0"
     image_archives: list[Path] = field(default_factory=list)
     start_timeout: float = 120.0
-    fake_gpus: int = 1
+    fake_gpus: int = 2
     """`nvidia.com/gpu` the node advertises with no GPU behind it (this machine has none), so
     that manifests written for GPU clusters schedule here unchanged; the trainer finds no CUDA
     and trains on the CPU. The only stand-in on this node."""
@@ -87,6 +87,7 @@ class RealNode:
         self.procs: list[ManagedProcess] = []
         self.ports: dict[str, int] = {}
         self._added_ip = False
+        self._sysctls: dict[str, str | None] = {}
         self._api_client: client.ApiClient | None = None
         # Sockets need short paths (108 bytes); the work dir may be deep.
         self.run_dir = Path(f"/run/kubetune-{os.getpid()}-{self.name}")
@@ -120,9 +121,12 @@ class RealNode:
     def _add_node_ip(self) -> None:
         shown = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True,
                                text=True, check=True).stdout  # fmt: skip
+        # The address is this harness's own (a crashed run may have left it): removed at stop.
         if f" {NODE_IP}/" not in shown:
             subprocess.run(["ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)
-            self._added_ip = True
+        self._added_ip = True
+        # The kubelet tunes these at start; they are given back at stop.
+        self._sysctls = {key: _read_sysctl(key) for key in KUBELET_SYSCTLS}
 
     def _write_cni_config(self) -> None:
         conf_dir = self.work_dir / "cni"
@@ -173,6 +177,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # No CAP_SYS_RESOURCE here: a negative oom_score_adj for the sandbox kills runc's init.
   restrict_oom_score_adj = true
   enable_selinux = false
+  # Pods' network namespaces under this node's state directory, not the host's /run/netns.
+  netns_mounts_under_state_dir = true
   [{cri}.containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -402,6 +408,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         procs, self.procs = self.procs, []
         by_name = {p.name.rsplit("-", 1)[-1]: p for p in procs}
         if "kubelet" in by_name:
+            if by_name["kubelet"].exit_reason() is None:
+                self._drain()
             by_name["kubelet"].stop()
         if "containerd" in by_name and by_name["containerd"].exit_reason() is None:
             self._remove_containers()
@@ -411,11 +419,34 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         _unmount_under(self.run_dir)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
         _remove_kubelet_iptables()
+        _remove_cgroups("kubepods")
+        for key, value in self._sysctls.items():
+            if value is not None:
+                _write_sysctl(key, value)
         if self._added_ip:
             subprocess.run(["ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"],
                            capture_output=True, check=False)  # fmt: skip
             self._added_ip = False
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _drain(self, timeout: float = 60) -> None:
+        """Delete this node's pods and let the kubelet stop them as it would (CNI DEL for each
+        sandbox, network namespaces and volumes unmounted) before it stops."""
+        core = client.CoreV1Api(self._api())
+        with contextlib.suppress(ApiException):
+            for pod in core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={self.name}"
+            ).items:
+                with contextlib.suppress(ApiException):
+                    core.delete_namespaced_pod(
+                        pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
+                    )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._ctr("tasks", "list", "--quiet", check=False).stdout.split():
+                return
+            time.sleep(0.5)
+        log.warning("node %s: tasks still running after draining %.0fs", self.name, timeout)
 
     def _remove_containers(self) -> None:
         """Kill and delete every task and container (pods' and sandboxes'), so no shim or
@@ -432,6 +463,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     break
                 time.sleep(0.2)
             self._ctr("containers", "delete", container, check=False)
+
+    def leftovers(self) -> list[str]:
+        """What stop() should have removed from the host and did not (empty when clean)."""
+        found = [f"shim pid {pid}" for pid in self.leftover_shims()]
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        found += [f"link {BRIDGE}"] if f" {BRIDGE}:" in links else []
+        addresses = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"],
+                                   capture_output=True, text=True).stdout  # fmt: skip
+        found += [f"address {NODE_IP}"] if f" {NODE_IP}/" in addresses else []
+        rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
+        found += [f"iptables chain {c}" for c in KUBELET_CHAINS if f"-N {c}" in rules]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+        found += [f"mount {m}" for m in mounts if m.startswith(str(self.work_dir))]
+        found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/kubepods")]
+        return found
 
     def leftover_shims(self) -> list[int]:
         """Shim processes that still serve this node's containerd (none after stop())."""
@@ -504,22 +551,60 @@ def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
     return {"mediaType": media_type, "digest": _digest(data), "size": len(data)}
 
 
+KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY")
+KUBELET_SYSCTLS = (
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "kernel.keys.root_maxkeys",
+    "kernel.keys.root_maxbytes",
+)
+
+
+def _read_sysctl(key: str) -> str | None:
+    try:
+        return Path("/proc/sys", *key.split(".")).read_text().strip()
+    except OSError:
+        return None
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/sys", *key.split(".")).write_text(value)
+
+
 def _remove_kubelet_iptables() -> None:
-    """The kubelet installs KUBE-* chains on the host (KUBE-FIREWALL, canaries); the host is not
-    a node once the test cluster stops, so remove them."""
+    """The kubelet's own chains (and the rules that jump to them); no other KUBE-* chain, so a
+    host that also runs a real node keeps its kube-proxy's."""
     for tool in ("iptables", "ip6tables"):
         for table in ("filter", "nat", "mangle"):
             listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
             rules = listed.stdout.splitlines()
             for rule in rules:
-                if rule.startswith("-A ") and "KUBE-" in rule:
-                    argv = [tool, "-t", table, "-D", *shlex.split(rule)[1:]]
+                words = shlex.split(rule)
+                if words[:1] == ["-A"] and set(words) & {*KUBELET_CHAINS}:
+                    argv = [tool, "-t", table, "-D", *words[1:]]
                     subprocess.run(argv, capture_output=True, check=False)
-            for rule in rules:
-                if rule.startswith("-N KUBE-"):
-                    chain = rule.split()[1]
+            for chain in KUBELET_CHAINS:
+                if f"-N {chain}" in rules:
                     subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
                     subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
+
+
+def _remove_cgroups(name: str) -> None:
+    """The kubelet's pod cgroups (cgroup v1: one tree per controller), deepest first; only
+    empty ones can go, which all are once every container has stopped."""
+    for controller in Path("/sys/fs/cgroup").iterdir():
+        top = controller / name
+        if not top.is_dir():
+            continue
+        for directory in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if directory.is_dir():
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
 
 
 def _unmount_under(root: Path) -> None:

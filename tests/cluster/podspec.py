@@ -265,7 +265,7 @@ def prepare_volumes(pod: Obj, pod_root: Path, source: ObjectSource) -> dict[str,
             mode = int(spec.get("defaultMode", 0o644))
             _write_items(target, values or {}, spec.get("items"), mode, f"{kind} {ref_name}")
         elif "projected" in vol:
-            _project(pod, vol["projected"], target, source)
+            _project(pod, vol["projected"], target, source, rewrite)
         elif "downwardAPI" in vol:
             _downward_files(pod, vol["downwardAPI"].get("items") or [], target)
         # emptyDir (and anything unknown) is just the fresh directory.
@@ -280,7 +280,9 @@ def mount_paths(pod: Obj, dirs: dict[str, Path], only: str | None = None) -> dic
             continue
         for mount in c.get("volumeMounts") or []:
             local = dirs.get(mount["name"])
-            if local is None or mount["mountPath"].rstrip("/") == "":
+            if local is None or mount["mountPath"].rstrip("/") in ("", "/tmp"):
+                # /tmp: processes here share the host's, where tests keep their files (a
+                # trainer pod's /tmp emptyDir only matters under a read-only root).
                 continue
             if mount.get("subPath"):
                 local = local / mount["subPath"]
@@ -304,7 +306,7 @@ def _downward_files(pod: Obj, items: list[Obj], target: Path) -> None:
             path.write_text(field_ref(pod, item["fieldRef"]["fieldPath"]))
 
 
-def _project(pod: Obj, spec: Obj, target: Path, source: ObjectSource) -> None:
+def _project(pod: Obj, spec: Obj, target: Path, source: ObjectSource, rewrite: Rewriter) -> None:
     ns = pod["metadata"]["namespace"]
     mode = int(spec.get("defaultMode", 0o644))
     for src in spec.get("sources") or []:
@@ -312,6 +314,8 @@ def _project(pod: Obj, spec: Obj, target: Path, source: ObjectSource) -> None:
             kind = "configmap" if "configMap" in src else "secret"
             ref = src.get("configMap") or src["secret"]
             values = _lookup(source, kind, ns, ref["name"], bool(ref.get("optional")))
+            if kind == "configmap" and values:
+                values = {k: _rewrite_text(v, rewrite) for k, v in values.items()}
             _write_items(target, values or {}, ref.get("items"), mode, f"{kind} {ref['name']}")
         elif "downwardAPI" in src:
             _downward_files(pod, src["downwardAPI"].get("items") or [], target)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kubetune.api import validate_object
+from kubetune.api.pod_paths import MANIFEST_FILE
 from kubetune.api.validation import FineTuneJob
 from kubetune.controller import children as ch
 from kubetune.controller import pods, runs
@@ -156,7 +157,7 @@ def test_config_map_holds_a_manifest_the_trainer_accepts() -> None:
     from kubetune.api import parse_manifest
 
     rendered = ch.config_map(job(), owner(), "quickstart-1234abcd")
-    text = rendered["data"][ch.MANIFEST_FILE]
+    text = rendered["data"][MANIFEST_FILE]
     parsed = parse_manifest(text)
     assert parsed.name == "quickstart" and parsed.spec == job().spec
 
@@ -213,3 +214,28 @@ def test_pods_are_restricted_without_a_hard_coded_user() -> None:
         "securityContext"
     ]
     assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1001, 1001, 2000)
+
+
+def test_pods_get_a_read_only_root_and_only_these_writable_places() -> None:
+    pod = pods.batch_job(job(), owner(), "qs-1", 1, ch.Settings())["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/output", "/dev/shm", "/tmp"}
+
+
+def test_the_data_configmap_sits_next_to_the_manifest() -> None:
+    """The quickstart's relative dataset path reads the same file in the pod as locally."""
+    pod = pods.batch_job(job(), owner(), "qs-1", 1, ch.Settings())["spec"]["template"]["spec"]
+    config = next(v for v in pod["volumes"] if v["name"] == "config")
+    assert config["projected"]["sources"] == [
+        {"configMap": {"name": ch.base_name("qs-1")}},
+        {
+            "configMap": {
+                "name": "quickstart-data",
+                "items": [{"key": "identity.jsonl", "path": "data/identity.jsonl"}],
+            }
+        },
+    ]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "config")
+    assert mount == {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True}

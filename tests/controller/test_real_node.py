@@ -5,8 +5,14 @@ mounts the operator gives a pod, cluster DNS, the pod network) is proven here.""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import shutil
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,12 +20,12 @@ from kubernetes import client
 
 from kubetune.controller import children as ch
 from tests.cluster.harness import LocalCluster
-from tests.cluster.node import RealNode
+from tests.cluster.node import NODE_IP, RealNode
 from tests.cluster.procs import wait_until
 from tests.controller.conftest import Operator, ftj
-from tests.controller.helpers import create, wait_phase
+from tests.controller.helpers import create, quickstart, wait_phase
 from tests.controller.rbac import service_account_kubeconfig
-from tests.trainer.jobs import EXAMPLES, ask
+from tests.trainer.jobs import EXAMPLES, ask, merged
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -48,6 +54,69 @@ def kubectl(cluster: LocalCluster, *args: str) -> str:
     return cluster.control_plane.kubectl(*args)
 
 
+def statuses_until(
+    api: client.ApiClient, ns: str, name: str, phase: str, operator: Operator, timeout: float
+) -> list[dict[str, Any]]:
+    """Every distinct status seen (polled each half second) until `phase`."""
+    seen: list[dict[str, Any]] = []
+
+    def reached() -> bool:
+        status = ftj(api, ns, name).get("status") or {}
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        return status.get("phase") == phase
+
+    try:
+        wait_until(f"{name} {phase}", reached, timeout, interval=0.5, alive=operator.alive)
+    except (TimeoutError, RuntimeError) as err:
+        raise AssertionError(f"{err}\nstatus: {seen[-1:]}\n{operator.tail()}") from None
+    return seen
+
+
+def model_volume(cluster: LocalCluster, api: client.ApiClient, ns: str, model: Path) -> str:
+    """A PVC holding `model`, as a user would provision one for their weights."""
+    core = client.CoreV1Api(api)
+    claim = {
+        "metadata": {"name": "models"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    core.create_namespaced_persistent_volume_claim(ns, claim)
+    wait_until(
+        "models bound",
+        lambda: core.read_namespaced_persistent_volume_claim("models", ns).status.phase == "Bound",
+        60,
+    )
+    assert cluster.runner is not None
+    target = cluster.runner.claim_dir(ns, "models") / "tiny"
+    shutil.copytree(model, target)
+    # Readable by the image's user (65532), as files on a shared model volume must be.
+    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
+    return "models"
+
+
+def data_config_map(api: client.ApiClient, ns: str) -> str:
+    """The quickstart's dataset in a ConfigMap, as `kubectl create configmap --from-file`."""
+    text = (EXAMPLES / "data" / "identity.jsonl").read_text()
+    body = {"metadata": {"name": "identity"}, "data": {"identity.jsonl": text}}
+    client.CoreV1Api(api).create_namespaced_config_map(ns, body)
+    return "identity"
+
+
+def tiny_job(name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """The quickstart on the tiny model from the `models` volume, with its data from the
+    `identity` ConfigMap: only what pods on any cluster can read."""
+    base = {
+        "spec": {
+            "model": {"path": "/models/tiny"},
+            "data": {"configMap": "identity"},
+            "volumes": [{"name": "models", "claimName": "models", "mountPath": "/models"}],
+        }
+    }
+    body = quickstart(Path("/models/tiny"), name, merged(base, changes))
+    body["spec"]["data"]["datasets"] = [{"path": "data/identity.jsonl", "format": "messages"}]
+    return body
+
+
 def test_cluster_quickstart_as_the_readme_says(
     cluster: LocalCluster,
     cluster_api: client.ApiClient,
@@ -61,17 +130,22 @@ def test_cluster_quickstart_as_the_readme_says(
     the new name."""
     ns = real_namespace
     kubectl(cluster, "apply", "-n", ns, "-k", str(EXAMPLES))
-    status = wait_phase(cluster_api, ns, "quickstart", "Succeeded", real_operator, timeout=900)
-    run = status["status"]["currentRun"]["id"]
+    seen = statuses_until(cluster_api, ns, "quickstart", "Succeeded", real_operator, 900)
+    run = seen[-1]["currentRun"]["id"]
+    # Live progress while Running can only come from scraping rank 0's metrics endpoint,
+    # across the pod network (the summary at exit carries no throughput).
+    live = [s["currentRun"] for s in seen if s.get("phase") == "Running"]
+    assert any(r.get("tokensPerSecond") for r in live), live[-3:]
 
     pods = client.CoreV1Api(cluster_api).list_namespaced_pod(ns).items
     trainer = next(p for p in pods if p.metadata.labels.get(ch.RUN_LABEL))
     assert trainer.spec.node_name == real_node.name
-    statuses = trainer.status.container_statuses
-    assert statuses[0].state.terminated.exit_code == 0
-    # The user the container really ran as, from the kubelet's own log of the pod.
+    [container] = trainer.spec.containers
+    assert container.security_context.read_only_root_filesystem is True
+    assert trainer.status.container_statuses[0].state.terminated.exit_code == 0
+    # The kubelet serves the pod's log: the answers after training name the new identity.
     log = kubectl(cluster, "logs", "-n", ns, trainer.metadata.name)
-    assert "Kubey" in log or "step" in log, log[-2000:]
+    assert "Kubey" in log, log[-2000:]
 
     assert cluster.runner is not None
     volume = cluster.runner.claim_dir(ns, ch.output_claim_name("quickstart"))
@@ -156,3 +230,139 @@ def test_trainer_image_runs_as_its_user_with_a_read_only_root(
     assert "kubetune 0." in log, log
     assert "root Read-only file system" in log, log
     assert f"limit {512 * 2**20}" in log, log
+
+
+def test_two_pods_rendezvous_through_cluster_dns(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    real_namespace: str,
+    real_operator: Operator,
+    tiny_model: Path,
+) -> None:
+    """nodes: 2 with ZeRO-2 (gloo on CPU): two pods of one Indexed Job in their own network
+    namespaces; rank 1 reaches rank 0 at `<job>-0.<service>`, resolved by CoreDNS from the
+    headless Service, with no hostname rewriting."""
+    ns, name = real_namespace, "two-pods"
+    model_volume(cluster, cluster_api, ns, tiny_model)
+    data_config_map(cluster_api, ns)
+    changes = {
+        "spec": {
+            "distributed": {"nodes": 2, "gpusPerNode": 1, "deepspeed": {"zeroStage": 2}},
+            "training": {"batchSizePerDevice": 2},
+        }
+    }
+    create(cluster_api, ns, tiny_job(name, changes))
+    status = wait_phase(cluster_api, ns, name, "Succeeded", real_operator, 600)["status"]
+    pods = (
+        client.CoreV1Api(cluster_api)
+        .list_namespaced_pod(ns, label_selector=f"{ch.JOB_LABEL}={name}")
+        .items
+    )
+    assert len(pods) == 2 and len({p.status.pod_ip for p in pods}) == 2
+    rank1 = next(
+        p for p in pods if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "1"
+    )
+    log = kubectl(cluster, "logs", "-n", ns, rank1.metadata.name)
+    master = (
+        f"{ch.job_name(status['currentRun']['id'], 1)}-0.{ch.base_name(status['currentRun']['id'])}"
+    )
+    assert master in " ".join(rank1.spec.containers[0].command), rank1.spec.containers[0].command
+    assert "Traceback" not in log, log[-3000:]
+    assert status["currentRun"]["attempt"] == 1
+
+
+def test_a_memory_limit_too_small_is_reported_as_oom_and_retried(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    real_namespace: str,
+    real_operator: Operator,
+    tiny_model: Path,
+) -> None:
+    """runc enforces the limit: the container is OOMKilled (exit 137), the FineTuneJob says so
+    in its status and an Event, and the next attempt follows the retry rules (a crash, not bad
+    input: retried until backoffLimit)."""
+    ns, name = real_namespace, "too-small"
+    model_volume(cluster, cluster_api, ns, tiny_model)
+    data_config_map(cluster_api, ns)
+    changes = {"spec": {"resources": {"memory": "200Mi"}, "runPolicy": {"backoffLimit": 1}}}
+    create(cluster_api, ns, tiny_job(name, changes))
+    status = wait_phase(cluster_api, ns, name, "Failed", real_operator, 300)["status"]
+    assert status["currentRun"]["attempt"] == 2, status
+    assert "OOMKilled" in status["message"], status
+    events = client.CoreV1Api(cluster_api).list_namespaced_event(ns).items
+    assert any("OOMKilled" in (e.message or "") for e in events if e.involved_object.name == name)
+    pods = (
+        client.CoreV1Api(cluster_api)
+        .list_namespaced_pod(ns, label_selector=f"{ch.JOB_LABEL}={name}")
+        .items
+    )
+    reasons = {p.status.container_statuses[0].state.terminated.reason for p in pods}
+    assert reasons == {"OOMKilled"}, reasons
+
+
+def test_a_token_secret_reaches_the_trainer_and_nowhere_else(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    real_namespace: str,
+    real_operator: Operator,
+) -> None:
+    """model.tokenSecret for a gated Hub repository: the trainer, in its pod, sends the token
+    to the Hub (a recording server on the node's address stands in for huggingface.co, which
+    is unreachable here) and the value is in no ConfigMap, status, Event, pod spec, pod log
+    or operator log."""
+    ns, name, token = real_namespace, "gated", "hf_" + "s3cr3t" * 4
+    core = client.CoreV1Api(cluster_api)
+    core.create_namespaced_secret(ns, {"metadata": {"name": "hub"}, "stringData": {"token": token}})
+    data_config_map(cluster_api, ns)
+    with recording_hub() as (endpoint, seen):
+        body = quickstart(Path("/unused"), name, {"spec": {"data": {"configMap": "identity"}}})
+        body["spec"]["data"]["datasets"] = [{"path": "data/identity.jsonl", "format": "messages"}]
+        body["spec"]["model"] = {
+            "hfRepo": "kubetune-test/gated-model",
+            "tokenSecret": {"name": "hub", "key": "token"},
+        }
+        body["spec"]["env"] = [{"name": "HF_ENDPOINT", "value": endpoint}]
+        create(cluster_api, ns, body)
+        status = wait_phase(cluster_api, ns, name, "Failed", real_operator, 300)["status"]
+    assert f"Bearer {token}" in seen, seen
+    pod = core.list_namespaced_pod(ns, label_selector=f"{ch.JOB_LABEL}={name}").items[0]
+    everywhere = "\n".join(
+        [
+            str(core.list_namespaced_config_map(ns).items),
+            str(status),
+            str(core.list_namespaced_event(ns).items),
+            str(pod.spec),
+            real_operator.log.read_text(errors="replace"),
+            kubectl(cluster, "logs", "-n", ns, pod.metadata.name),
+        ]
+    )
+    assert token not in everywhere
+
+
+@contextlib.contextmanager
+def recording_hub() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on the node's address that records each request's Authorization header
+    and answers 401, as the Hub does for a gated repository without access."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _deny(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _deny
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((NODE_IP, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{NODE_IP}:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -10,9 +10,14 @@ works only through that ConfigMap. The operator refuses such a spec before any p
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 
 from kubetune.api.spec import PACKAGE_SCHEME, FineTuneJobSpec
+
+MANIFEST_FILE = "finetunejob.yaml"
+"""The manifest's name in the pod's manifest directory (a dataset file may not take it)."""
+CONFIG_MAP_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
 
 def is_relative(path: str) -> bool:
@@ -45,12 +50,21 @@ def local_only_paths(spec: FineTuneJobSpec) -> list[str]:
                 f"(kubectl create configmap NAME --from-file={path}, or a kustomize "
                 "configMapGenerator), or use a path on a volume, a url or hfRepo"
             )
-        elif ".." in PurePosixPath(path).parts:
+            continue
+        file = PurePosixPath(path)
+        if ".." in file.parts:
             problems.append(
                 f"{where}: {path!r} leaves the manifest's directory; the files of "
                 "spec.data.configMap can only appear below it"
             )
-        elif (seen := names.setdefault(PurePosixPath(path).name, path)) != path:
+        elif str(file) == MANIFEST_FILE:
+            problems.append(f"{where}: {path!r} is where pods find the manifest itself")
+        elif not CONFIG_MAP_KEY.match(file.name):
+            problems.append(
+                f"{where}: {file.name!r} cannot be a ConfigMap key (letters, digits, '-', "
+                "'_' and '.' only)"
+            )
+        elif (seen := names.setdefault(file.name, str(file))) != str(file):  # a/x, ./a/x: one
             problems.append(
                 f"{where}: {path!r} and {seen!r} have the same file name, and a ConfigMap "
                 "holds one file per name"

@@ -25,6 +25,7 @@ import yaml
 
 from kubetune import __version__
 from kubetune.api import FineTuneJob
+from kubetune.api.pod_paths import MANIFEST_FILE
 from kubetune.api.spec import GROUP, KIND, VERSION
 
 Obj = dict[str, Any]
@@ -46,7 +47,6 @@ COMMON_LABELS = {
 BASE_NAME_LIMIT = 50  # leaves room for "-<attempt>" and "-<index>" within 63
 DNS_LABEL_LIMIT = 63
 CONTAINER = "trainer"
-MANIFEST_FILE = "finetunejob.yaml"
 EXIT_PREEMPTED = 75  # the trainer's exit code after saving a checkpoint on SIGTERM
 EXIT_INVALID = 2  # bad spec, data, model or output: no retry can fix it
 IF_FINISHED_ENV = "KUBETUNE_IF_FINISHED"  # the default of `kubetune train --if-finished`

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import FineTuneJob
-from kubetune.api.pod_paths import config_map_items
+from kubetune.api.pod_paths import MANIFEST_FILE, config_map_items
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.controller.children import (
     ATTEMPT_LABEL,
@@ -21,7 +21,6 @@ from kubetune.controller.children import (
     HF_TOKEN_ENV,
     IF_FINISHED_ENV,
     KUEUE_QUEUE_LABEL,
-    MANIFEST_FILE,
     RETRAIN_TOKEN_ANNOTATION,
     Owner,
     Settings,

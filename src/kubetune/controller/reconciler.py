@@ -33,6 +33,7 @@ from kubetune.controller.sync import (
     REQUEST_TIMEOUT,
     ChildConflict,
     Children,
+    DataNotReady,
     api_client,
     owned_by,
     rejection,
@@ -272,7 +273,7 @@ class Reconciler:
         if attempt is not None and attempt != observed.attempt:
             try:
                 created = self.children.create_run(job, owner, run, attempt, token)
-            except ChildConflict as err:
+            except (ChildConflict, DataNotReady) as err:
                 observed = replace(observed, blocked=(err.reason, str(err)))
             except client.ApiException as err:
                 if err.status not in (400, 403, 422):

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes import client
 
+from kubetune.api.pod_paths import config_map_items
 from kubetune.controller import children as ch
 from kubetune.controller import pods
 from kubetune.controller import status as st
@@ -27,6 +28,16 @@ log = logging.getLogger("kubetune.operator")
 REQUEST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds of every API call: a half-open connection costs one timeout, never
 a reconcile lock held for ever."""
+
+
+class DataNotReady(Exception):
+    """The ConfigMap that `spec.data.configMap` names is missing or lacks a dataset's file:
+    no Job is created (its pods would wait on the mount for ever); checked again at every
+    reconcile, so creating or fixing the ConfigMap lets the run start."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ChildConflict(Exception):
@@ -61,6 +72,7 @@ class Children:
         created, or as rendered when it existed already)."""
         core, batch = client.CoreV1Api(self.api), client.BatchV1Api(self.api)
         ns = owner.namespace
+        self._check_data(job, ns)
         # The client takes plain dicts (typed as its models); Any says so.
         claim: Any = ch.output_claim(job, owner)
         if claim is not None:
@@ -152,6 +164,32 @@ class Children:
     def plain(self, obj: Any) -> Obj:
         plain: Obj = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
         return plain
+
+    def _check_data(self, job: Any, ns: str) -> None:
+        name, items = job.spec.data.config_map, config_map_items(job.spec)
+        if name is None or not items:
+            return
+        try:
+            found = client.CoreV1Api(self.api).read_namespaced_config_map(
+                name, ns, _request_timeout=REQUEST_TIMEOUT
+            )
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            raise DataNotReady(
+                "DataConfigMapMissing",
+                f"spec.data.configMap: ConfigMap {name!r} not found in namespace {ns}; create "
+                f"it from the dataset files (kubectl apply -k, or kubectl create configmap "
+                f"{name} --from-file=FILE)",
+            ) from None
+        keys = {*(found.data or {}), *(found.binary_data or {})}
+        missing = [f"{i['key']!r} (for {i['path']})" for i in items if i["key"] not in keys]
+        if missing:
+            raise DataNotReady(
+                "DataConfigMapIncomplete",
+                f"spec.data.configMap: ConfigMap {name!r} has no key {', '.join(missing)}; "
+                f"its keys: {', '.join(sorted(keys)) or 'none'}",
+            )
 
     def sync_suspend(self, job: Any, latest: Obj) -> Obj | None:
         """spec.runPolicy.suspend pauses the Job (its pods go, checkpoints stay) and resumes
