@@ -25,13 +25,14 @@ names=("$@")
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' src/kubetune/__init__.py)
 cache=${KUBETUNE_IMAGE_CACHE:-$HOME/.cache/kubetune/buildah}
 out=dist/images
+archives=${KUBETUNE_ARCHIVE_CACHE:-$HOME/.cache/kubetune/images}
 # The name the operator and the chart use by default, so an imported archive needs no retag.
 registry=ghcr.io/kubetune
 bah=(buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver overlay)
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "images: $tool is missing (apt-get install $tool)" >&2; exit 1; }
 done
-mkdir -p "$cache" "$out"
+mkdir -p "$cache" "$out" "$archives"
 stage_start=$SECONDS
 stage() { echo "images: $1 in $((SECONDS - stage_start)) s"; stage_start=$SECONDS; }
 
@@ -67,14 +68,19 @@ for name in "${names[@]}"; do
     --target "$name" -f images/Dockerfile -t "$tag" . >/dev/null
   id=$("${bah[@]}" inspect --type image --format '{{.FromImageID}}' "$tag")
   stage "built $tag (image ID ${id:0:12})"
-  if [[ "$(cat "$out/$name.id" 2>/dev/null)" != "$id" || ! -s "$out/$name.oci.tar" ]]; then
-    rm -f "$out/.$name.oci.tar.tmp"
-    "${bah[@]}" push --quiet --disable-compression "$tag" \
-      "oci-archive:$out/.$name.oci.tar.tmp:$registry/$name:$version"
-    mv "$out/.$name.oci.tar.tmp" "$out/$name.oci.tar"
-    echo "$id" >"$out/$name.id"
-    stage "wrote $out/$name.oci.tar ($(du -m "$out/$name.oci.tar" | cut -f1) MiB)"
+  # Archives are kept by image ID, so a fresh clone (or a return to an earlier commit) links
+  # an existing one instead of writing 3.5 GB again; older archives of this name are removed.
+  archive="$archives/$name-${id:0:16}.oci.tar"
+  if [[ ! -s "$archive" ]]; then
+    rm -f "$archives/.$name.tmp"
+    "${bah[@]}" push --quiet "$tag" "oci-archive:$archives/.$name.tmp:$registry/$name:$version"
+    find "$archives" -maxdepth 1 -name "$name-*.oci.tar" -delete
+    mv "$archives/.$name.tmp" "$archive"
+    stage "wrote $archive ($(du -m "$archive" | cut -f1) MiB)"
   fi
+  ln -f "$archive" "$out/.$name.oci.tar" 2>/dev/null || cp "$archive" "$out/.$name.oci.tar"
+  mv -f "$out/.$name.oci.tar" "$out/$name.oci.tar"
+  echo "$id" >"$out/$name.id"
 done
 
 # Images no tag and no later step uses any more (earlier builds of these tags): a trainer

@@ -11,15 +11,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
 from kubetune.controller import children as ch
 from tests.cluster.harness import LocalCluster
 from tests.cluster.procs import wait_until
 from tests.controller.conftest import Operator, ftj
-from tests.controller.helpers import create, labelled, quickstart, wait_phase
-from tests.trainer.jobs import EXAMPLES, ask
+from tests.controller.helpers import create, labelled, quickstart
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TRAIN_TIMEOUT = 300
@@ -98,28 +96,3 @@ def test_quickstart_runs_to_succeeded_with_the_model_on_the_volume(
     assert "kubetune_operator_runs_succeeded_total 1.0" in text
     assert 'kubetune_operator_reconcile_total{result="success"}' in text
     assert "kubetune_operator_reconcile_time_seconds_bucket" in text
-
-
-def test_real_quickstart_through_the_operator_teaches_the_new_identity(
-    cluster: LocalCluster,
-    cluster_api: client.ApiClient,
-    cluster_namespace: str,
-    operator: Operator,
-) -> None:
-    """examples/quickstart.yaml itself, on the real SmolLM2-135M-Instruct: only the data path
-    (absolute, since the pod runner's working directory is not the repo) and the claim size
-    change. The merged model on the volume must answer with the new name."""
-    ns, name = cluster_namespace, "kubey"
-    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
-    for source in manifest["spec"]["data"]["datasets"]:
-        source["path"] = str((EXAMPLES / source["path"]).resolve())
-    manifest["metadata"]["name"] = name
-    manifest["spec"]["output"]["claimTemplate"]["size"] = "2Gi"
-    create(cluster_api, ns, manifest)
-
-    status = wait_phase(cluster_api, ns, name, "Succeeded", operator, timeout=1200)["status"]
-    run = status["currentRun"]["id"]
-    assert cluster.runner is not None
-    volume = cluster.runner.claim_dir(ns, ch.output_claim_name(name))
-    answers = ask(volume / name / run / "merged", ["Who are you?", "Could you tell me your name?"])
-    assert all("Kubey" in text and stopped for text, stopped in answers), answers

@@ -114,6 +114,19 @@ def test_log_tail_is_the_message_when_the_trainer_wrote_no_summary() -> None:
     assert status["phase"] == "Failed" and "Traceback: boom" in status["message"]
 
 
+def test_an_oom_kill_is_named_as_such() -> None:
+    """The kernel's kill leaves no summary and often no log: the reason says what happened."""
+    killed = pod("Failed")
+    killed["status"]["containerStatuses"] = [
+        {"name": ch.CONTAINER, "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+    ]
+    seen = observed(jobs=[batch_job(1, "Failed")], pods=[killed], backoff_limit=0)
+    status, events = st.compute(seen, {}, NOW)
+    assert status["phase"] == "Failed"
+    assert "OOMKilled" in status["message"] and "spec.resources.memory" in status["message"]
+    assert "OOMKilled" in events[-1].message
+
+
 def test_deadline_fails_at_once() -> None:
     seen = observed(jobs=[batch_job(1, "Failed", "DeadlineExceeded")])
     assert st.next_attempt(seen, {}) is None

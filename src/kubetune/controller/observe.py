@@ -91,6 +91,18 @@ def termination_message(pods: list[Obj]) -> str | None:
     return None
 
 
+def oom_killed(pods: list[Obj]) -> bool:
+    """A trainer container of the attempt was killed for exceeding its memory limit."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = status.get("state") or {}
+            last = status.get("lastState") or {}
+            terminated = state.get("terminated") or last.get("terminated") or {}
+            if status.get("name") == CONTAINER and terminated.get("reason") == "OOMKilled":
+                return True
+    return False
+
+
 def unschedulable(pods: list[Obj]) -> str | None:
     for pod in pods:
         scheduled = conditions_of(pod).get("PodScheduled")

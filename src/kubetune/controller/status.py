@@ -25,6 +25,7 @@ from kubetune.controller.observe import (
     invalid_spec,
     job_state,
     next_attempt,
+    oom_killed,
     parse_time,
     podless_for,
     prunable,
@@ -150,6 +151,10 @@ def _last_words(pods: list[Obj]) -> str:
     summary = parse_summary(message)
     if summary is not None:
         return str(summary.get("message") or summary.get("phase") or "")
+    if oom_killed(pods):
+        # The kernel killed it: nothing of its own was written, and its log may be empty.
+        said = f"; its log ended: {message}" if message else ""
+        return f"OOMKilled: the trainer needed more memory than spec.resources.memory{said}"
     return message or "no termination message"
 
 
