@@ -78,8 +78,10 @@ for name in "${names[@]}"; do
     mv "$archives/.$name.tmp" "$archive"
     stage "wrote $archive ($(du -m "$archive" | cut -f1) MiB)"
   fi
-  ln -f "$archive" "$out/.$name.oci.tar" 2>/dev/null || cp "$archive" "$out/.$name.oci.tar"
-  mv -f "$out/.$name.oci.tar" "$out/$name.oci.tar"
+  if [[ ! "$archive" -ef "$out/$name.oci.tar" ]]; then
+    ln -f "$archive" "$out/.$name.oci.tar" 2>/dev/null || cp "$archive" "$out/.$name.oci.tar"
+    mv -f "$out/.$name.oci.tar" "$out/$name.oci.tar"
+  fi
   echo "$id" >"$out/$name.id"
 done
 
