@@ -68,8 +68,8 @@ for name in "${names[@]}"; do
     --target "$name" -f images/Dockerfile -t "$tag" . >/dev/null
   id=$("${bah[@]}" inspect --type image --format '{{.FromImageID}}' "$tag")
   stage "built $tag (image ID ${id:0:12})"
-  # Archives are kept by image ID, so a fresh clone (or a return to an earlier commit) links
-  # an existing one instead of writing 3.5 GB again; older archives of this name are removed.
+  # The newest archive of each image is kept by image ID, so a fresh clone of the same source
+  # links it instead of writing 3.5 GB again; older archives of the name are removed.
   archive="$archives/$name-${id:0:16}.oci.tar"
   if [[ ! -s "$archive" ]]; then
     rm -f "$archives/.$name.tmp"

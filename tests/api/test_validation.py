@@ -12,6 +12,7 @@ from jsonschema import Draft4Validator
 from kubetune.api import SpecError, load_manifest, parse_manifest
 from kubetune.api.crd import openapi_schema
 from tests.conftest import EXAMPLES
+from tests.trainer.jobs import example_manifests
 
 QUICKSTART = (EXAMPLES / "quickstart.yaml").read_text()
 
@@ -53,7 +54,8 @@ INVALID = [
     ({"spec__training__learningRate": -1}, "spec.training.learningRate: got -1"),
     (
         {"spec__data__cutofLength": 5},
-        "spec.data.cutofLength: unknown field; allowed fields here: chatTemplate, cutoffLength",
+        "spec.data.cutofLength: unknown field; allowed fields here: chatTemplate, configMap, "
+        "cutoffLength",
     ),
     (
         {"spec__method__type": "qlora"},
@@ -129,7 +131,7 @@ def test_structural_schema_agrees_with_python_on_types() -> None:
     """The generated schema (checked by jsonschema, as a stand-in for the apiserver's
     structural validation) accepts the examples and rejects the same type errors."""
     validator = Draft4Validator(openapi_schema())
-    for example in sorted(EXAMPLES.glob("*.yaml")):
+    for example in example_manifests():
         document = yaml.safe_load(example.read_text())
         assert not list(validator.iter_errors(document)), example
     bad = yaml.safe_load(_mutated(spec__method__type="lorax"))

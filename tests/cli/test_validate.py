@@ -9,6 +9,7 @@ import pytest
 from kubetune.cli import main
 from tests.conftest import EXAMPLES
 from tests.tiny import family_tokenizer
+from tests.trainer.jobs import example_manifests
 
 # Examples whose real tokenizer is on a model hub: checked with a stand-in tokenizer that has
 # the family's special tokens (the real ones cannot be downloaded here).
@@ -22,7 +23,7 @@ STAND_INS = {
 
 
 def test_every_example_is_covered() -> None:
-    assert {p.name for p in EXAMPLES.glob("*.yaml")} == {*STAND_INS, "quickstart.yaml"}
+    assert {p.name for p in example_manifests()} == {*STAND_INS, "quickstart.yaml"}
 
 
 @pytest.mark.parametrize("example", sorted(STAND_INS))
@@ -95,3 +96,22 @@ def test_untrained_stop_is_a_loud_warning(
     )
     assert main(["validate", str(manifest), "--tokenizer", str(tmp_path / "tok")]) == 0
     assert "will not learn to stop" in capsys.readouterr().err
+
+
+def test_a_manifest_that_only_trains_here_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid locally (exit 0), but a pod could not read its data: said, with the way out."""
+    text = (EXAMPLES / "quickstart.yaml").read_text().replace("configMap: quickstart-data", "")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(text)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "identity.jsonl").write_text(
+        (EXAMPLES / "data" / "identity.jsonl").read_text()
+    )
+    assert main(["validate", "--spec-only", str(manifest)]) == 0
+    err = capsys.readouterr().err
+    assert "trains here, but not on a cluster" in err
+    assert "spec.data.datasets[0].path" in err and "spec.data.configMap" in err
+    assert main(["validate", "--spec-only", str(EXAMPLES / "quickstart.yaml")]) == 0
+    assert "not on a cluster" not in capsys.readouterr().err

@@ -48,7 +48,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def serve(state_dir: Path) -> int:
+def serve(state_dir: Path, real_node: bool = True) -> int:
     """Runs the cluster in this process until SIGTERM/SIGINT; writes state.json when ready."""
     from tests.cluster.harness import LocalCluster
 
@@ -68,7 +68,7 @@ def serve(state_dir: Path) -> int:
     try:
         cluster.start()
         assert cluster.runner is not None
-        node = _real_node(cluster)
+        node = _real_node(cluster) if real_node else None
         state = {
             "pid": os.getpid(),
             "kubeconfig": str(cluster.kubeconfig),
@@ -98,7 +98,7 @@ def serve(state_dir: Path) -> int:
 def _real_node(cluster: Any) -> Any:
     """The real node, with the images `make images` built (without them, none: said so)."""
     from tests.cluster.fixtures import IMAGES
-    from tests.cluster.node import RealNode, missing_host_parts
+    from tests.cluster.node import NodeUnavailable, RealNode, missing_host_parts
 
     archives = [IMAGES / f"{name}.oci.tar" for name in ("trainer", "operator")]
     missing = missing_host_parts() + [str(a) for a in archives if not a.exists()]
@@ -106,12 +106,16 @@ def _real_node(cluster: Any) -> Any:
         print(f"no real node: missing {', '.join(missing)}", flush=True)
         return None
     node = RealNode(cluster.control_plane, cluster.work_dir / "real-0", image_archives=archives)
-    node.start()
+    try:
+        node.start()
+    except NodeUnavailable as err:
+        print(f"no real node: {err}", flush=True)
+        return None
     print(f"real node {node.name} ready (namespaces labelled kubetune.io/real-node=true)")
     return node
 
 
-def up(state_dir: Path, timeout: float) -> int:
+def up(state_dir: Path, timeout: float, real_node: bool = True) -> int:
     state = _read_state(state_dir)
     if state and _alive(state["pid"]):
         print(f"already up (pid {state['pid']}); export KUBECONFIG={state['kubeconfig']}")
@@ -119,7 +123,15 @@ def up(state_dir: Path, timeout: float) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "serve.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.cluster", "serve", "--state-dir", str(state_dir)],
+        [
+            sys.executable,
+            "-m",
+            "tests.cluster",
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            *([] if real_node else ["--no-real-node"]),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -143,7 +155,7 @@ def up(state_dir: Path, timeout: float) -> int:
     return 1
 
 
-def down(state_dir: Path, timeout: float = 90.0) -> int:
+def down(state_dir: Path, timeout: float = 180.0) -> int:
     state = _read_state(state_dir)
     if state is None:
         print("not running")
@@ -185,15 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status", "serve", "build"])
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--no-real-node",
+        dest="real_node",
+        action="store_false",
+        help="only the control plane, kwok nodes and the pod runner (no kubelet, no images)",
+    )
     args = parser.parse_args(argv)
     if args.command == "build":
         result = subprocess.run(["bash", str(BUILD_SCRIPT)], check=False)
         print(bin_dir())
         return result.returncode
     if args.command == "serve":
-        return serve(args.state_dir)
+        return serve(args.state_dir, args.real_node)
     if args.command == "up":
-        return up(args.state_dir, args.timeout)
+        return up(args.state_dir, args.timeout, args.real_node)
     if args.command == "down":
         return down(args.state_dir)
     return status(args.state_dir)

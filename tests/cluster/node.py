@@ -19,6 +19,7 @@ node IP that is not loopback (an extra /32 on ``lo``), and a self-built sandbox 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -55,6 +56,7 @@ CNI_BIN_DIR = Path("/usr/lib/cni")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip")
 IMAGE_CACHE = Path.home() / ".cache" / "kubetune" / "containerd"
 CONTAINERD_NAMESPACE = "k8s.io"
+HOST_LOCK = Path("/run/kubetune-real-node.lock")
 
 
 class NodeUnavailable(RuntimeError):
@@ -88,9 +90,12 @@ class RealNode:
         self.ports: dict[str, int] = {}
         self._added_ip = False
         self._sysctls: dict[str, str | None] = {}
+        self._lock: IO[str] | None = None
         self._api_client: client.ApiClient | None = None
-        # Sockets need short paths (108 bytes); the work dir may be deep.
-        self.run_dir = Path(f"/run/kubetune-{os.getpid()}-{self.name}")
+        # Sockets need short paths (108 bytes); the work dir may be deep. Named after the work
+        # dir, so a RealNode made for the same work dir (a check after `down`) finds it.
+        digest = hashlib.sha256(str(self.work_dir.resolve()).encode()).hexdigest()[:10]
+        self.run_dir = Path(f"/run/kubetune-node-{digest}")
         self.sock = self.run_dir / "containerd.sock"
 
     # -- start -------------------------------------------------------------------------------
@@ -99,6 +104,7 @@ class RealNode:
         missing = missing_host_parts()
         if missing:
             raise NodeUnavailable("a real node needs: " + ", ".join(missing))
+        self._lock_host()
         started = time.monotonic()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +330,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 str(bin_dir() / "kubelet"),
                 f"--config={config_path}",
                 f"--kubeconfig={kubeconfig}",
-                f"--root-dir={d / 'root'}",
+                # Under the short run directory: the kubelet puts unix sockets there.
+                f"--root-dir={self.run_dir / 'kubelet'}",
                 f"--cert-dir={d / 'certs'}",
                 f"--hostname-override={self.name}",
                 f"--node-ip={NODE_IP}",
@@ -428,6 +435,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                            capture_output=True, check=False)  # fmt: skip
             self._added_ip = False
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def _lock_host(self) -> None:
+        """One real node per host: its address, bridge, port 53 and containerd root are the
+        host's. A second one (another `make test`, `python -m tests.cluster up`) is refused."""
+        self._lock = open(HOST_LOCK, "a+")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            self._lock = None
+            raise NodeUnavailable(f"a real node already runs on this host ({holder})") from None
+        self._lock.truncate(0)
+        self._lock.write(f"pid {os.getpid()}")
+        self._lock.flush()
 
     def _drain(self, timeout: float = 60) -> None:
         """Delete this node's pods and let the kubelet stop them as it would (CNI DEL for each
@@ -441,9 +467,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     core.delete_namespaced_pod(
                         pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
                     )
+        # Tasks stop first; the sandbox's CNI DEL and the kubelet's unmounts follow, and the
+        # kubelet removes a pod's directory last.
+        pods_dir = self.run_dir / "kubelet" / "pods"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._ctr("tasks", "list", "--quiet", check=False).stdout.split():
+            tasks = self._ctr("tasks", "list", "--quiet", check=False).stdout.split()
+            if not tasks and not (pods_dir.is_dir() and any(pods_dir.iterdir())):
                 return
             time.sleep(0.5)
         log.warning("node %s: tasks still running after draining %.0fs", self.name, timeout)
@@ -472,11 +502,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         addresses = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"],
                                    capture_output=True, text=True).stdout  # fmt: skip
         found += [f"address {NODE_IP}"] if f" {NODE_IP}/" in addresses else []
-        rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
-        found += [f"iptables chain {c}" for c in KUBELET_CHAINS if f"-N {c}" in rules]
+        for tool in ("iptables", "ip6tables"):
+            for table in ("filter", "nat", "mangle"):
+                listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
+                rules = listed.stdout.splitlines()
+                found += [f"{tool} -t {table} chain {c}" for c in KUBELET_CHAINS
+                          if f"-N {c}" in rules]  # fmt: skip
         with open("/proc/self/mountinfo") as f:
             mounts = [line.split()[4] for line in f]
-        found += [f"mount {m}" for m in mounts if m.startswith(str(self.work_dir))]
+        roots = (str(self.work_dir), str(self.run_dir))
+        found += [f"mount {m}" for m in mounts if m.startswith(roots)]
         found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/kubepods")]
         return found
 
@@ -551,7 +586,7 @@ def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
     return {"mediaType": media_type, "digest": _digest(data), "size": len(data)}
 
 
-KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY")
+KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
 KUBELET_SYSCTLS = (
     "vm.overcommit_memory",
     "vm.panic_on_oom",

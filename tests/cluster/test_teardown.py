@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.node import RealNode
 from tests.cluster.podrunner import RUN_LOCALLY_LABEL
 from tests.cluster.procs import group_alive, port_is_free, wait_until
 
@@ -31,6 +33,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -39,9 +48,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _start_with_a_running_pod(state_dir: Path, tmp_path: Path) -> tuple[dict[str, Any], int]:
+def _start_with_a_running_pod(
+    state_dir: Path, tmp_path: Path, *flags: str
+) -> tuple[dict[str, Any], int]:
     """`up`, then a pod whose process records its pid and sleeps; returns (state, pod pid)."""
-    result = _cli("up", "--state-dir", str(state_dir))
+    result = _cli("up", "--state-dir", str(state_dir), *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     state = json.loads((state_dir / "state.json").read_text())
     core = client.CoreV1Api(config.new_client_from_config(state["kubeconfig"]))
@@ -83,26 +94,34 @@ def _assert_nothing_left(state: dict[str, Any], pod_pid: int) -> None:
 
 
 def test_down_stops_everything(tmp_path: Path) -> None:
+    """With the real node (`up` brings it when the images are built): its kubelet,
+    containerd and CoreDNS go too, and what the kubelet changed on the host is undone."""
     state_dir = tmp_path / "state"
     state, pod_pid = _start_with_a_running_pod(state_dir, tmp_path)
     assert _alive(pod_pid)
+    assert state["real_node"] == "real-0", (state_dir / "serve.log").read_text()[-3000:]
 
     result = _cli("down", "--state-dir", str(state_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no process or port left" in result.stdout
     _assert_nothing_left(state, pod_pid)
     assert _cli("status", "--state-dir", str(state_dir)).returncode == 3
+    work = state_dir / "cluster" / "real-0"
+    node = RealNode(ControlPlane(work_dir=work), work)
+    assert node.leftovers() == []
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                if str(work).encode() in _read(p)], "a node process is left"  # fmt: skip
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    state, pod_pid = _start_with_a_running_pod(state_dir, tmp_path)
+    state, pod_pid = _start_with_a_running_pod(state_dir, tmp_path, "--no-real-node")
     os.kill(state["pid"], signal.SIGINT)
     _assert_nothing_left(state, pod_pid)
 
 
 def test_sigkilled_harness_leaves_no_process(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    state, pod_pid = _start_with_a_running_pod(state_dir, tmp_path)
+    state, pod_pid = _start_with_a_running_pod(state_dir, tmp_path, "--no-real-node")
     os.kill(state["pid"], signal.SIGKILL)  # no handler runs: only pdeathsig can clean up
     _assert_nothing_left(state, pod_pid)

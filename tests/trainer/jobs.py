@@ -13,6 +13,16 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def example_manifests() -> list[Path]:
+    """The FineTuneJobs in examples/ (not the quickstart's kustomization files)."""
+    return sorted(
+        p for p in EXAMPLES.glob("*.yaml")
+        if (yaml.safe_load(p.read_text()) or {}).get("kind") == "FineTuneJob"
+    )  # fmt: skip
+
+
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 
 

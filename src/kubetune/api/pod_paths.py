@@ -52,7 +52,7 @@ def local_only_paths(spec: FineTuneJobSpec) -> list[str]:
             )
             continue
         file = PurePosixPath(path)
-        if ".." in file.parts:
+        if any(part.startswith("..") for part in file.parts):  # the kubelet refuses "..x" too
             problems.append(
                 f"{where}: {path!r} leaves the manifest's directory; the files of "
                 "spec.data.configMap can only appear below it"
