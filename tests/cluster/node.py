@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from tests.cluster import pki
-from tests.cluster.controlplane import ControlPlane, bin_dir
+from tests.cluster.controlplane import ControlPlane, bin_dir, read_versions
 from tests.cluster.podrunner import create_ok_if_exists, steering_policy
 from tests.cluster.procs import LOOPBACK, ManagedProcess, free_port, wait_until
 
@@ -65,12 +66,27 @@ class NodeUnavailable(RuntimeError):
 
 def missing_host_parts() -> list[str]:
     missing = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
+    if not missing:
+        missing += _unpinned_runtimes()
     missing += [f"{CNI_BIN_DIR}/{p}" for p in ("bridge", "host-local", "loopback")
                 if not (CNI_BIN_DIR / p).exists()]  # fmt: skip
     missing += [f"{bin_dir()}/{b}" for b in ("kubelet", "coredns") if not (bin_dir() / b).exists()]
     if os.geteuid() != 0:
         missing.append("root (a kubelet and containerd need it)")
     return missing
+
+
+def _unpinned_runtimes() -> list[str]:
+    """containerd and runc at the versions pinned in go/versions.env (Debian's packages)."""
+    pinned = read_versions()
+    wrong = []
+    for tool, key in (("containerd", "CONTAINERD_VERSION"), ("runc", "RUNC_VERSION")):
+        said = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+        found = re.search(r"(\d+\.\d+\.\d+)", said.split("\n")[0].split(" ", 2)[-1])
+        if found is None or found.group(1) != pinned[key]:
+            version = found.group(1) if found else "unknown"
+            wrong.append(f"{tool} {pinned[key]} (found {version}; see go/versions.env)")
+    return wrong
 
 
 @dataclass
