@@ -21,15 +21,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import shlex
 import shutil
 import subprocess
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +37,16 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster import pki
 from tests.cluster.controlplane import ControlPlane, bin_dir, read_versions
+from tests.cluster.hoststate import (
+    KUBELET_CHAINS,
+    KUBELET_SYSCTLS,
+    read_sysctl,
+    remove_cgroups,
+    remove_kubelet_iptables,
+    unmount_under,
+    write_sysctl,
+)
+from tests.cluster.pause_image import PAUSE_IMAGE, write_pause_archive
 from tests.cluster.podrunner import create_ok_if_exists, steering_policy
 from tests.cluster.procs import LOOPBACK, ManagedProcess, free_port, wait_until
 
@@ -50,9 +57,6 @@ CLUSTER_DOMAIN = "cluster.local"
 NODE_IP = "100.72.0.1"
 POD_CIDR = "100.96.0.0/24"
 BRIDGE = "kubetune0"
-# The pod sandbox image, built by images/build.sh from tests/cluster/go/pause; the name only
-# has to match what containerd's CRI config asks for.
-PAUSE_IMAGE = "registry.k8s.io/pause:kubetune"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip")
 IMAGE_CACHE = Path.home() / ".cache" / "kubetune" / "containerd"
@@ -148,7 +152,7 @@ class RealNode:
             subprocess.run(["ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)
         self._added_ip = True
         # The kubelet tunes these at start; they are given back at stop.
-        self._sysctls = {key: _read_sysctl(key) for key in KUBELET_SYSCTLS}
+        self._sysctls = {key: read_sysctl(key) for key in KUBELET_SYSCTLS}
 
     def _write_cni_config(self) -> None:
         conf_dir = self.work_dir / "cni"
@@ -416,13 +420,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         proc.start()
         return proc
 
-    def dead_component(self) -> str | None:
-        for proc in self.procs:
-            reason = proc.exit_reason()
-            if reason:
-                return reason
-        return None
-
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -438,14 +435,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             self._remove_containers()
         for proc in reversed(procs):
             proc.stop()
-        _unmount_under(self.work_dir)
-        _unmount_under(self.run_dir)
+        unmount_under(self.work_dir)
+        unmount_under(self.run_dir)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-        _remove_kubelet_iptables()
-        _remove_cgroups("kubepods")
+        remove_kubelet_iptables()
+        remove_cgroups("kubepods")
         for key, value in self._sysctls.items():
             if value is not None:
-                _write_sysctl(key, value)
+                write_sysctl(key, value)
         if self._added_ip:
             subprocess.run(["ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"],
                            capture_output=True, check=False)  # fmt: skip
@@ -546,126 +543,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 ):
                     pids.append(int(proc.name))
         return pids
-
-
-def write_pause_archive(path: Path) -> Path:
-    """The sandbox image as an OCI archive: one layer holding the pause binary built from
-    tests/cluster/go/pause. Written byte-for-byte deterministically (fixed times and owners), so
-    its ID, stored next to it like the images' IDs, changes only when the binary does."""
-    binary = (bin_dir() / "pause").read_bytes()
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("pause")
-        info.size, info.mode, info.mtime = len(binary), 0o755, 0
-        tar.addfile(info, io.BytesIO(binary))
-    layer_bytes = layer.getvalue()
-    config = _json_bytes(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
-            "rootfs": {"type": "layers", "diff_ids": [_digest(layer_bytes)]},
-        }
-    )
-    manifest = _json_bytes(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": _descriptor("application/vnd.oci.image.config.v1+json", config),
-            "layers": [_descriptor("application/vnd.oci.image.layer.v1.tar", layer_bytes)],
-        }
-    )
-    manifest_ref = _descriptor("application/vnd.oci.image.manifest.v1+json", manifest)
-    manifest_ref["annotations"] = {"org.opencontainers.image.ref.name": PAUSE_IMAGE}
-    index = _json_bytes({"schemaVersion": 2, "manifests": [manifest_ref]})
-    files = {"oci-layout": _json_bytes({"imageLayoutVersion": "1.0.0"}), "index.json": index}
-    for blob in (layer_bytes, config, manifest):
-        files["blobs/sha256/" + _digest(blob).removeprefix("sha256:")] = blob
-    with tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
-    path.with_name(path.name.replace(".oci.tar", ".id")).write_text(_digest(config))
-    return path
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
-    return {"mediaType": media_type, "digest": _digest(data), "size": len(data)}
-
-
-KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
-KUBELET_SYSCTLS = (
-    "vm.overcommit_memory",
-    "vm.panic_on_oom",
-    "kernel.panic",
-    "kernel.panic_on_oops",
-    "kernel.keys.root_maxkeys",
-    "kernel.keys.root_maxbytes",
-)
-
-
-def _read_sysctl(key: str) -> str | None:
-    try:
-        return Path("/proc/sys", *key.split(".")).read_text().strip()
-    except OSError:
-        return None
-
-
-def _write_sysctl(key: str, value: str) -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/sys", *key.split(".")).write_text(value)
-
-
-def _remove_kubelet_iptables() -> None:
-    """The kubelet's own chains (and the rules that jump to them); no other KUBE-* chain, so a
-    host that also runs a real node keeps its kube-proxy's."""
-    for tool in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle"):
-            listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
-            rules = listed.stdout.splitlines()
-            for rule in rules:
-                words = shlex.split(rule)
-                if words[:1] == ["-A"] and set(words) & {*KUBELET_CHAINS}:
-                    argv = [tool, "-t", table, "-D", *words[1:]]
-                    subprocess.run(argv, capture_output=True, check=False)
-            for chain in KUBELET_CHAINS:
-                if f"-N {chain}" in rules:
-                    subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
-                    subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
-
-
-def _remove_cgroups(name: str) -> None:
-    """The kubelet's pod cgroups (cgroup v1: one tree per controller), deepest first; only
-    empty ones can go, which all are once every container has stopped."""
-    for controller in Path("/sys/fs/cgroup").iterdir():
-        top = controller / name
-        if not top.is_dir():
-            continue
-        for directory in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if directory.is_dir():
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
-        with contextlib.suppress(OSError):
-            top.rmdir()
-
-
-def _unmount_under(root: Path) -> None:
-    """Lazily unmount whatever the kubelet or containerd left mounted under root, deepest
-    first (tmpfs for Secrets and emptyDirs, overlay root filesystems, netns bind mounts)."""
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted({p for p in points if p.startswith(prefix)}, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def _dig(name: str) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import node
+from tests.cluster.pause_image import PAUSE_IMAGE, write_pause_archive
 
 
 def test_runtimes_at_other_versions_than_pinned_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,12 +24,12 @@ def test_runtimes_at_other_versions_than_pinned_are_named(monkeypatch: pytest.Mo
 
 
 def test_the_sandbox_image_archive_is_deterministic(tmp_path: Path) -> None:
-    first = node.write_pause_archive(tmp_path / "a.oci.tar").read_bytes()
-    second = node.write_pause_archive(tmp_path / "b.oci.tar").read_bytes()
+    first = write_pause_archive(tmp_path / "a.oci.tar").read_bytes()
+    second = write_pause_archive(tmp_path / "b.oci.tar").read_bytes()
     assert first == second
     with tarfile.open(tmp_path / "a.oci.tar") as tar:
         index_file = tar.extractfile("index.json")
         assert index_file is not None
         [entry] = json.load(index_file)["manifests"]
-    assert entry["annotations"]["org.opencontainers.image.ref.name"] == node.PAUSE_IMAGE
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == PAUSE_IMAGE
     assert (tmp_path / "a.id").read_text().startswith("sha256:")

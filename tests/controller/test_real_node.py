@@ -73,6 +73,12 @@ def statuses_until(
     return seen
 
 
+def trainer_pods(api: client.ApiClient, ns: str, name: str) -> list[Any]:
+    """Every attempt's training pods of FineTuneJob `name`."""
+    selector = f"{ch.JOB_LABEL}={name}"
+    return list(client.CoreV1Api(api).list_namespaced_pod(ns, label_selector=selector).items)
+
+
 def model_volume(cluster: LocalCluster, api: client.ApiClient, ns: str, model: Path) -> str:
     """A PVC holding `model`, as a user would provision one for their weights."""
     core = client.CoreV1Api(api)
@@ -253,11 +259,7 @@ def test_two_pods_rendezvous_through_cluster_dns(
     }
     create(cluster_api, ns, tiny_job(name, changes))
     status = wait_phase(cluster_api, ns, name, "Succeeded", real_operator, 600)["status"]
-    pods = (
-        client.CoreV1Api(cluster_api)
-        .list_namespaced_pod(ns, label_selector=f"{ch.JOB_LABEL}={name}")
-        .items
-    )
+    pods = trainer_pods(cluster_api, ns, name)
     assert len(pods) == 2 and len({p.status.pod_ip for p in pods}) == 2
     rank1 = next(
         p for p in pods if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "1"
@@ -291,11 +293,7 @@ def test_a_memory_limit_too_small_is_reported_as_oom_and_retried(
     assert "OOMKilled" in status["message"], status
     events = client.CoreV1Api(cluster_api).list_namespaced_event(ns).items
     assert any("OOMKilled" in (e.message or "") for e in events if e.involved_object.name == name)
-    pods = (
-        client.CoreV1Api(cluster_api)
-        .list_namespaced_pod(ns, label_selector=f"{ch.JOB_LABEL}={name}")
-        .items
-    )
+    pods = trainer_pods(cluster_api, ns, name)
     reasons = {p.status.container_statuses[0].state.terminated.reason for p in pods}
     assert reasons == {"OOMKilled"}, reasons
 
@@ -325,7 +323,7 @@ def test_a_token_secret_reaches_the_trainer_and_nowhere_else(
         create(cluster_api, ns, body)
         status = wait_phase(cluster_api, ns, name, "Failed", real_operator, 300)["status"]
     assert f"Bearer {token}" in seen, seen
-    pod = core.list_namespaced_pod(ns, label_selector=f"{ch.JOB_LABEL}={name}").items[0]
+    pod = trainer_pods(cluster_api, ns, name)[0]
     everywhere = "\n".join(
         [
             str(core.list_namespaced_config_map(ns).items),
