@@ -6,8 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export PYTHONDONTWRITEBYTECODE := 1
+CHART := charts/kubetune
+HELM = $(or $(KUBETUNE_BIN_CACHE),$(HOME)/.cache/kubetune/bin)/$(shell sed -n 's/^K8S_VERSION=//p' tests/cluster/go/versions.env)/helm
 
-.PHONY: venv test lint typecheck unit quickstart crd check-crd bench-data cluster-bins images lock clean
+.PHONY: venv test lint typecheck unit quickstart crd chart check-crd bench-data cluster-bins images lock clean
 
 venv: $(VENV)/.installed
 
@@ -21,8 +23,8 @@ $(VENV)/.installed: pyproject.toml images/install.sh images/lock/dev.txt | $(UV)
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks charts
+	$(VENV)/bin/ruff format --check src tests benchmarks charts
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -52,9 +54,19 @@ quickstart: venv
 	$(VENV)/bin/kubetune train examples/quickstart.yaml --output-dir outputs \
 	  --run-id quickstart-$$(date +%Y%m%d-%H%M%S)
 
+# Everything generated from the spec and the operator's rules (tests fail when any is stale).
 crd: venv
 	$(VENV)/bin/kubetune crd --output crds/finetunejob.yaml
+	$(VENV)/bin/kubetune crd --output $(CHART)/files/finetunejob.crd.yaml
 	$(VENV)/bin/kubetune crd --docs --output docs/spec.md
+	$(PY) -m kubetune.controller.rbac > $(CHART)/files/rbac-rules.yaml.tmp
+	mv $(CHART)/files/rbac-rules.yaml.tmp $(CHART)/files/rbac-rules.yaml
+	$(PY) charts/values_table.py --write
+
+# The chart as a versioned archive: dist/kubetune-<version>.tgz.
+chart: cluster-bins
+	$(HELM) lint $(CHART)
+	$(HELM) package $(CHART) --destination dist
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

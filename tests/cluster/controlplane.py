@@ -40,6 +40,9 @@ BINARIES = (
 # 192.168/16), so no test traffic can look as if it targets a real network. Shared CGNAT space:
 # Services 100.64.0.0/16, real nodes' IPs 100.72.0.0/16, their pods 100.96.0.0/16.
 SERVICE_CIDR = "100.64.0.0/16"
+NODE_IP = "100.72.0.1"
+"""The real node's address (an extra /32 on ``lo`` while it runs); the apiserver advertises
+it, so the `kubernetes` Service leads pods to the apiserver through kube-proxy."""
 KWOK_NODE_LABEL = "kubetune.io/kwok-node"  # kwok manages exactly the nodes with this label
 
 
@@ -118,7 +121,7 @@ class ControlPlane:
         d = self.work_dir / "pki"
         d.mkdir(exist_ok=True)
         self.ca = pki.make_ca(d)
-        sans = [f"IP:{LOOPBACK}", "DNS:localhost", "IP:100.64.0.1"]
+        sans = [f"IP:{LOOPBACK}", f"IP:{NODE_IP}", "DNS:localhost", "IP:100.64.0.1"]
         sans += [f"DNS:kubernetes{s}" for s in ("", ".default", ".default.svc")]
         self.serving = pki.issue(self.ca, d, "apiserver", "/CN=kube-apiserver", sans)
         self.sa = pki.make_sa_key(d)
@@ -171,8 +174,11 @@ class ControlPlane:
             [
                 self.binary("kube-apiserver"),
                 f"--etcd-servers=http://{LOOPBACK}:{self.ports['etcd']}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                # All addresses, as kubeadm's default: the test clients use loopback, pods the
+                # node's address (the `kubernetes` Service's endpoint). Nothing is anonymous
+                # beyond what any apiserver serves (/healthz, /version).
+                "--bind-address=0.0.0.0",
+                f"--advertise-address={NODE_IP}",
                 f"--secure-port={port}",
                 f"--tls-cert-file={self.serving.cert}",
                 f"--tls-private-key-file={self.serving.key}",
@@ -192,9 +198,6 @@ class ControlPlane:
                 # Real nodes register a non-loopback InternalIP; no hostname resolves here.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
-                # The endpoint reconciler refuses a loopback advertise address; nothing here
-                # reaches the apiserver through the `kubernetes` Service anyway.
-                "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=1",
             ],

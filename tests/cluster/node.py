@@ -35,8 +35,8 @@ from typing import IO, Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tests.cluster import pki
-from tests.cluster.controlplane import ControlPlane, bin_dir, read_versions
+from tests.cluster import kubeproxy, pki
+from tests.cluster.controlplane import NODE_IP, ControlPlane, bin_dir, read_versions
 from tests.cluster.hoststate import (
     KUBELET_CHAINS,
     KUBELET_SYSCTLS,
@@ -54,7 +54,6 @@ log = logging.getLogger("kubetune.node")
 
 REAL_NODE_LABEL = "kubetune.io/real-node"
 CLUSTER_DOMAIN = "cluster.local"
-NODE_IP = "100.72.0.1"
 POD_CIDR = "100.96.0.0/24"
 BRIDGE = "kubetune0"
 CNI_BIN_DIR = Path("/usr/lib/cni")
@@ -136,6 +135,7 @@ class RealNode:
             self._grant_apiserver_kubelet_access()
             self._start_coredns()
             self._start_kubelet()
+            self._start_kube_proxy()
             self._advertise_gpus()
             self._steer_labelled_namespaces()
         except BaseException:
@@ -368,6 +368,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             alive=proc.exit_reason,
         )
 
+    def _start_kube_proxy(self) -> None:
+        config = kubeproxy.write_config(
+            self.control_plane, self.work_dir / "kube-proxy", self.name, POD_CIDR
+        )
+        proc = self._launch("kube-proxy", kubeproxy.argv(config))
+        kubeproxy.wait_serving(proc, config, self.start_timeout)
+
     def _advertise_gpus(self) -> None:
         """An extended resource advertised by patching the node's status, as Kubernetes
         documents for resources without a device plugin; the kubelet keeps it."""
@@ -426,7 +433,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         """Stop every container, then kubelet, CoreDNS and containerd; remove what was added
         to the host (bridge, address, mounts). Idempotent."""
         procs, self.procs = self.procs, []
-        by_name = {p.name.rsplit("-", 1)[-1]: p for p in procs}
+        by_name = {p.name.removeprefix(f"{self.name}-"): p for p in procs}
         if "kubelet" in by_name:
             if by_name["kubelet"].exit_reason() is None:
                 self._drain()
@@ -439,6 +446,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         unmount_under(self.run_dir)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
         remove_kubelet_iptables()
+        if "kube-proxy" in by_name:
+            kubeproxy.cleanup()
         remove_cgroups("kubepods")
         for key, value in self._sysctls.items():
             if value is not None:
@@ -521,6 +530,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 rules = listed.stdout.splitlines()
                 found += [f"{tool} -t {table} chain {c}" for c in KUBELET_CHAINS
                           if f"-N {c}" in rules]  # fmt: skip
+        found += kubeproxy.leftover_chains()
         with open("/proc/self/mountinfo") as f:
             mounts = [line.split()[4] for line in f]
         roots = (str(self.work_dir), str(self.run_dir))

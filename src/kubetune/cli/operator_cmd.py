@@ -7,6 +7,9 @@ In a pod it uses the in-cluster ServiceAccount; elsewhere the kubeconfig ($KUBEC
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import socket
 import sys
 from typing import Any
 
@@ -37,6 +40,13 @@ def register(commands: Any) -> None:
         "--peering",
         metavar="NAME",
         help="coordinate replicas through this KopfPeering (default: standalone, one replica)",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority: of the live replicas, the highest one works and the others "
+        "wait (default with --peering: derived from $POD_ID or the host name, so replicas "
+        "never tie; kopf freezes every replica on a tie)",
     )
     parser.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -95,6 +105,15 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return labels
 
 
+def peering_priority(explicit: int | None) -> int:
+    """A replica's priority: given, or a hash of its pod name (kopf's own identity, $POD_ID)
+    or host name, in 1 .. 2**31-1; distinct names practically never collide."""
+    if explicit is not None:
+        return explicit
+    seed = os.environ.get("POD_ID") or socket.gethostname()
+    return int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big") % (2**31 - 1) + 1
+
+
 def run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -136,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=peering_priority(args.priority) if args.peering else 0,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz"
         if args.health_port
         else None,
