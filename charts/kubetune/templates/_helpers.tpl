@@ -61,8 +61,7 @@ app.kubernetes.io/part-of: kubetune
 {{- define "kubetune.validate" -}}
 {{- if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
 {{- fail "podDisruptionBudget.enabled needs replicaCount >= 2: with one replica a PodDisruptionBudget blocks every node drain" -}}
-{{- end -}}
-{{- if and .Values.podDisruptionBudget.enabled (ge (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) -}}
+{{- else if and .Values.podDisruptionBudget.enabled (ge (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) -}}
 {{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below replicaCount (%d), or no voluntary disruption is ever allowed" (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) -}}
 {{- end -}}
 {{- end -}}

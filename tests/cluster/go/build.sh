@@ -64,7 +64,15 @@ build kubernetes kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$kube_ld"
 build coredns coredns github.com/coredns/coredns
 build pause pause .
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok
-build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=v${HELM_VERSION}"
+# As helm's own Makefile: the Kubernetes version that `helm template` and `helm lint` assume
+# offline is the minor of the client-go it is built with (else v1.20, below every chart's
+# kubeVersion).
+helm_kube_minor="$(cd "$here/helm" && go list -m -f '{{.Version}}' k8s.io/client-go | cut -d. -f2)"
+helm_ld="-X helm.sh/helm/v3/internal/version.version=v${HELM_VERSION}"
+for pkg in pkg/lint/rules pkg/chartutil; do
+  helm_ld+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$helm_kube_minor"
+done
+build helm helm helm.sh/helm/v3/cmd/helm "$helm_ld"
 # kwok ships no stages inside its binary (kwokctl passes them); take the "fast" node and pod
 # stages, and node heartbeats through Leases, from the pinned kwok module's own kustomize files.
 if [[ ! -s "$bin_dir/kwok-stages.yaml" ]]; then
