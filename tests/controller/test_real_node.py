@@ -20,12 +20,12 @@ from kubernetes import client
 
 from kubetune.controller import children as ch
 from tests.cluster.harness import LocalCluster
-from tests.cluster.node import NODE_IP, RealNode
+from tests.cluster.node import NODE_IP
 from tests.cluster.procs import wait_until
 from tests.controller.conftest import Operator, ftj
 from tests.controller.helpers import create, quickstart, wait_phase
 from tests.controller.rbac import service_account_kubeconfig
-from tests.trainer.jobs import EXAMPLES, ask, merged
+from tests.trainer.jobs import EXAMPLES, merged
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -123,45 +123,6 @@ def tiny_job(name: str, changes: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def test_cluster_quickstart_as_the_readme_says(
-    cluster: LocalCluster,
-    cluster_api: client.ApiClient,
-    real_node: RealNode,
-    real_namespace: str,
-    real_operator: Operator,
-) -> None:
-    """`kubectl apply -k examples/`: the dataset reaches the pod through the generated
-    ConfigMap, the model ships in the image, and the pod runs in a real container as the
-    image's non-root user with a read-only root. The merged model on the volume answers with
-    the new name."""
-    ns = real_namespace
-    kubectl(cluster, "apply", "-n", ns, "-k", str(EXAMPLES))
-    seen = statuses_until(cluster_api, ns, "quickstart", "Succeeded", real_operator, 900)
-    run = seen[-1]["currentRun"]["id"]
-    # Live progress while Running can only come from scraping rank 0's metrics endpoint,
-    # across the pod network (the summary at exit carries no throughput).
-    live = [s["currentRun"] for s in seen if s.get("phase") == "Running"]
-    assert any(r.get("tokensPerSecond") for r in live), live[-3:]
-
-    pods = client.CoreV1Api(cluster_api).list_namespaced_pod(ns).items
-    trainer = next(p for p in pods if p.metadata.labels.get(ch.RUN_LABEL))
-    assert trainer.spec.node_name == real_node.name
-    [container] = trainer.spec.containers
-    assert container.security_context.read_only_root_filesystem is True
-    assert trainer.status.container_statuses[0].state.terminated.exit_code == 0
-    # The kubelet serves the pod's log: the answers after training name the new identity.
-    log = kubectl(cluster, "logs", "-n", ns, trainer.metadata.name)
-    assert "Kubey" in log, log[-2000:]
-
-    assert cluster.runner is not None
-    volume = cluster.runner.claim_dir(ns, ch.output_claim_name("quickstart"))
-    merged = volume / "quickstart" / run / "merged"
-    owners = {f.stat().st_uid for f in merged.iterdir()}
-    assert owners == {65532}, f"files written as {owners}, not the image's user 65532"
-    answers = ask(merged, ["Who are you?", "Could you tell me your name?"])
-    assert all("Kubey" in text and stopped for text, stopped in answers), answers
-
-
 def test_relative_paths_without_a_configmap_are_refused_before_any_pod(
     cluster: LocalCluster,
     cluster_api: client.ApiClient,
@@ -238,7 +199,7 @@ def test_trainer_image_runs_as_its_user_with_a_read_only_root(
     assert f"limit {512 * 2**20}" in log, log
 
 
-def test_two_pods_rendezvous_through_cluster_dns(
+def test_two_pods_meet_through_cluster_dns_and_an_eviction_restarts_the_attempt_whole(
     cluster: LocalCluster,
     cluster_api: client.ApiClient,
     real_namespace: str,
@@ -247,30 +208,55 @@ def test_two_pods_rendezvous_through_cluster_dns(
 ) -> None:
     """nodes: 2 with ZeRO-2 (gloo on CPU): two pods of one Indexed Job in their own network
     namespaces; rank 1 reaches rank 0 at `<job>-0.<service>`, resolved by CoreDNS from the
-    headless Service, with no hostname rewriting."""
+    headless Service, with no hostname rewriting. Mid-run, rank 1 is evicted (the Eviction
+    API, as a node drain does): the operator stops the whole attempt and starts it again from
+    the newest checkpoint, and with backoffLimit 0 the run still succeeds (no retry spent)."""
     ns, name = real_namespace, "two-pods"
     model_volume(cluster, cluster_api, ns, tiny_model)
     data_config_map(cluster_api, ns)
     changes = {
         "spec": {
             "distributed": {"nodes": 2, "gpusPerNode": 1, "deepspeed": {"zeroStage": 2}},
-            "training": {"batchSizePerDevice": 2},
+            "training": {"batchSizePerDevice": 2, "maxSteps": 24, "saveSteps": 4},
+            "runPolicy": {"backoffLimit": 0, "terminationGracePeriodSeconds": 60},
         }
     }
     create(cluster_api, ns, tiny_job(name, changes))
-    status = wait_phase(cluster_api, ns, name, "Succeeded", real_operator, 600)["status"]
-    pods = trainer_pods(cluster_api, ns, name)
+    core, batch = client.CoreV1Api(cluster_api), client.BatchV1Api(cluster_api)
+
+    def past_a_checkpoint() -> bool:
+        run = ftj(cluster_api, ns, name).get("status", {}).get("currentRun") or {}
+        return int(run.get("step") or 0) >= 6
+
+    wait_until("step 6", past_a_checkpoint, 600, interval=0.5, alive=real_operator.alive)
+    [first] = batch.list_namespaced_job(ns).items
+    rank1 = next(p for p in trainer_pods(cluster_api, ns, name) if index_of(p) == "1")
+    eviction = {"metadata": {"name": rank1.metadata.name, "namespace": ns}}
+    core.create_namespaced_pod_eviction(rank1.metadata.name, ns, eviction)
+
+    seen = statuses_until(cluster_api, ns, name, "Succeeded", real_operator, 600)
+    reasons = [c["reason"] for s in seen for c in s.get("conditions", []) if c["type"] == "Ready"]
+    assert "AttemptDisrupted" in reasons, reasons
+    status = seen[-1]
+    assert status["currentRun"]["attempt"] == 1, status
+    [again] = batch.list_namespaced_job(ns).items
+    assert again.metadata.name == first.metadata.name and again.metadata.uid != first.metadata.uid
+    pods = [p for p in trainer_pods(cluster_api, ns, name)
+            if p.metadata.owner_references[0].uid == again.metadata.uid]  # fmt: skip
     assert len(pods) == 2 and len({p.status.pod_ip for p in pods}) == 2
-    rank1 = next(
-        p for p in pods if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "1"
-    )
-    log = kubectl(cluster, "logs", "-n", ns, rank1.metadata.name)
+    rank0 = next(p for p in pods if index_of(p) == "0")
+    new_rank1 = next(p for p in pods if index_of(p) == "1")
     master = (
         f"{ch.job_name(status['currentRun']['id'], 1)}-0.{ch.base_name(status['currentRun']['id'])}"
     )
-    assert master in " ".join(rank1.spec.containers[0].command), rank1.spec.containers[0].command
-    assert "Traceback" not in log, log[-3000:]
-    assert status["currentRun"]["attempt"] == 1
+    assert master in " ".join(new_rank1.spec.containers[0].command)
+    log = kubectl(cluster, "logs", "-n", ns, rank0.metadata.name)
+    assert "resuming from" in log and "checkpoint-" in log, log[-3000:]
+    assert "Traceback" not in kubectl(cluster, "logs", "-n", ns, new_rank1.metadata.name)
+
+
+def index_of(pod: Any) -> str:
+    return str(pod.metadata.annotations["batch.kubernetes.io/job-completion-index"])
 
 
 def test_a_memory_limit_too_small_is_reported_as_oom_and_retried(

@@ -404,3 +404,52 @@ def test_only_the_newest_failed_attempts_are_kept() -> None:
     assert st.prunable(jobs[:4]) == []
     # The latest attempt is never pruned, even when it failed.
     assert [attempt_of(j) for j in st.prunable(jobs[:6])] == [1, 2]
+
+
+def disrupted_pod(index: int, reason: str = "PreemptionByScheduler") -> Obj:
+    target = {"type": "DisruptionTarget", "status": "True", "reason": reason,
+              "message": "Preempted by a higher-priority pod"}  # fmt: skip
+    disrupted = pod("Failed", index, conditions=[target])
+    disrupted["metadata"]["name"] = f"{RUN}-2-{index}-x"
+    return disrupted
+
+
+def test_a_disrupted_multi_node_attempt_is_recreated_whole_without_spending_a_retry() -> None:
+    """One pod preempted: the attempt is stopped (the reconciler deletes its Job), reported
+    with the cause, and once its Job is gone the same attempt number starts again."""
+    active = batch_job(2, parallelism=2)
+    earlier = failed_job(1, "BackoffLimitExceeded", NOW - timedelta(hours=1))
+    pods = [disrupted_pod(0), pod("Running", 1)]
+    assert "PreemptionByScheduler" in (st.disruption(active, pods) or "")
+    seen = observed(jobs=[earlier, active], pods=pods, backoff_limit=1,
+                    disrupted=st.disruption(active, pods), now=NOW)  # fmt: skip
+    status, events = st.compute(seen, {"phase": "Running"}, NOW)
+    assert status["phase"] == "Pending"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "AttemptDisrupted" and "PreemptionByScheduler" in ready["message"]
+    assert conditions(status)["Reconciling"] == "True"
+    assert [e.reason for e in events] == ["AttemptDisrupted"]
+    assert st.next_attempt(seen, status) is None  # nothing new while its pods stop
+
+    deleting = {**active, "metadata": {**active["metadata"], "deletionTimestamp": "x"}}
+    stopping = observed(jobs=[earlier, deleting], backoff_limit=1, now=NOW)
+    assert st.next_attempt(stopping, status) is None
+    assert st.compute(stopping, status, NOW)[0]["phase"] == "Pending"
+    gone = observed(jobs=[earlier], backoff_limit=1, now=NOW)
+    assert st.next_attempt(gone, status) == 2  # the same attempt, with backoffLimit 1
+
+
+def test_what_counts_as_a_disruption() -> None:
+    two = batch_job(1, parallelism=2)
+    assert st.disruption(batch_job(1, parallelism=1), [disrupted_pod(0)]) is None  # one pod
+    assert st.disruption(two, [pod("Running", 0), pod("Running", 1)]) is None
+    assert st.disruption(batch_job(1, "Complete", parallelism=2), [disrupted_pod(0)]) is None
+    preempted = pod("Failed", 1)
+    preempted["metadata"]["name"] = "p-1"
+    preempted["status"]["containerStatuses"] = [
+        {"name": ch.CONTAINER, "state": {"terminated": {"exitCode": ch.EXIT_PREEMPTED}}}
+    ]
+    failed = batch_job(1, "Failed", "BackoffLimitExceeded", parallelism=2)
+    assert "checkpoint" in (st.disruption(failed, [pod("Failed", 0), preempted]) or "")
+    evicted = disrupted_pod(0, "EvictionByEvictionAPI")
+    assert "EvictionByEvictionAPI" in (st.disruption(failed, [evicted]) or "")

@@ -11,13 +11,18 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from kubetune.api.status import Phase
-from kubetune.controller.children import ATTEMPT_LABEL, COMPLETION_INDEX_ANNOTATION, CONTAINER
+from kubetune.controller.children import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    CONTAINER,
+    EXIT_PREEMPTED,
+)
 from kubetune.controller.progress import Progress, parse_summary
 
 Obj = dict[str, Any]
 TERMINAL: tuple[Phase, ...] = ("Succeeded", "Failed")
 AttemptState = Literal[
-    "missing", "suspended", "active", "succeeded", "failed", "rejected", "deadline"
+    "missing", "suspended", "active", "succeeded", "failed", "rejected", "deadline", "deleting"
 ]
 RETRY_BASE_SECONDS = 10.0
 RETRY_MAX_SECONDS = 600.0
@@ -51,6 +56,10 @@ def attempt_of(obj: Obj) -> int:
 def job_state(job: Obj | None) -> AttemptState:
     if job is None:
         return "missing"
+    if job["metadata"].get("deletionTimestamp"):
+        # Stopped by the operator (a disruption, a suspend under Kueue): nothing new starts
+        # until its pods are gone (foreground deletion), so no second trainer overlaps them.
+        return "deleting"
     conditions = conditions_of(job)
 
     def true(kind: str) -> bool:
@@ -103,6 +112,29 @@ def oom_killed(pods: list[Obj]) -> bool:
     return False
 
 
+def disruption(job: Obj | None, pods: list[Obj]) -> str | None:
+    """Why a multi-node attempt must be recreated whole, or None: one of its pods was
+    disrupted (a DisruptionTarget condition: preemption, eviction, a node lost or drained) or
+    stopped for one after a checkpoint (the trainer's exit 75). Its peers would fail on the
+    broken ring and spend an attempt that was not theirs. A one-pod attempt needs nothing:
+    its Job replaces the pod (the pod failure policy ignores disruptions)."""
+    if job is None or int((job.get("spec") or {}).get("parallelism") or 1) < 2:
+        return None
+    if job_state(job) not in ("active", "failed"):
+        return None
+    for pod in pods:
+        name = pod["metadata"].get("name")
+        target = conditions_of(pod).get("DisruptionTarget") or {}
+        if target.get("status") == "True":
+            said = f": {target['message']}" if target.get("message") else ""
+            return f"pod {name}: {target.get('reason') or 'DisruptionTarget'}{said}"
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if status.get("name") == CONTAINER and terminated.get("exitCode") == EXIT_PREEMPTED:
+                return f"pod {name} stopped for a preemption after saving a checkpoint"
+    return None
+
+
 def unschedulable(pods: list[Obj]) -> str | None:
     for pod in pods:
         scheduled = conditions_of(pod).get("PodScheduled")
@@ -137,6 +169,8 @@ class Observed:
     pods: list[Obj] = field(default_factory=list)
     """The pods of the latest attempt."""
     progress: Progress | None = None
+    disrupted: str | None = None
+    """Why the latest attempt is being recreated whole (see `disruption`)."""
     spec_error: str | None = None
     blocked: tuple[str, str] | None = None
     """(reason, message) when a child could not be created: its name held by another owner's
@@ -196,6 +230,8 @@ def next_attempt(observed: Observed, previous: Obj) -> int | None:
         return None
     if state == "missing":
         return 1
+    if state == "deleting" or observed.disrupted:
+        return None  # once it is gone, the same attempt is created again
     if state == "failed" and observed.attempt <= observed.backoff_limit:
         return observed.attempt + 1 if retry_in(observed) == 0 else None
     if state in ("succeeded", "failed", "rejected", "deadline"):

@@ -269,6 +269,7 @@ class Reconciler:
             self.children.prune(owner, old_attempts)
             observed = replace(observed, jobs=[j for j in mine if j not in old_attempts])
 
+        observed = self._recreate_if_disrupted(observed, pods)
         attempt = st.next_attempt(observed, previous)
         if attempt is not None and attempt != observed.attempt:
             try:
@@ -298,6 +299,19 @@ class Reconciler:
             )
         status = self._write(body, state, previous, observed, now)
         outcomes.expire(self.api, body, job, owner, status, now)
+
+    def _recreate_if_disrupted(self, observed: st.Observed, pods: list[Obj]) -> st.Observed:
+        """A multi-node attempt with a disrupted pod is stopped whole; once its Job is gone,
+        `next_attempt` creates the same attempt again (no retry spent, no back-off)."""
+        latest = observed.latest
+        if latest is None:
+            return observed
+        attempt_pods = [p for p in pods if owned_by(p, latest["metadata"].get("uid"))]
+        why = st.disruption(latest, attempt_pods)
+        if why is None:
+            return observed
+        self.children.stop_attempt(latest)
+        return replace(observed, disrupted=why, pods=attempt_pods)
 
     # -- progress and status -------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from kubetune.controller.observe import (
     Observed,
     attempt_state,
     container_problem,
+    disruption,
     finished_phase,
     invalid_spec,
     job_state,
@@ -76,6 +77,15 @@ def verdict(observed: Observed, previous: Obj) -> Verdict:
         return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     attempts = f"attempt {observed.attempt} of {observed.backoff_limit + 1}"
     last_words = _last_words(observed.pods)
+    if observed.disrupted or (state == "deleting" and not observed.suspend):
+        why = f" ({observed.disrupted})" if observed.disrupted else ""
+        return Verdict(
+            "Pending",
+            "AttemptDisrupted",
+            f"attempt {observed.attempt} was disrupted{why}: its pods stop (saving a "
+            "checkpoint), then it starts again whole, not counted as a retry",
+            reconciling=True,
+        )
     if state == "succeeded":
         summary = parse_summary(termination_message(observed.pods)) or {}
         if summary.get("reused"):  # a re-created FineTuneJob found its finished run
@@ -347,6 +357,7 @@ __all__ = [
     "Transition",
     "Verdict",
     "compute",
+    "disruption",
     "invalid_spec",
     "job_state",
     "next_attempt",

@@ -207,17 +207,7 @@ class Children:
         if job.spec.resources.queue_name:
             if not want:
                 return latest
-            # Foreground: the Job stays (deleting) until its pods are gone, so a quick resume
-            # cannot start a second trainer beside a dying one on the same checkpoints.
-            _ignore_missing(
-                partial(
-                    client.BatchV1Api(self.api).delete_namespaced_job,
-                    meta["name"],
-                    meta["namespace"],
-                    propagation_policy="Foreground",
-                    _request_timeout=REQUEST_TIMEOUT,
-                )
-            )
+            self.stop_attempt(latest)
             return None
         if suspended == want:
             return latest
@@ -226,6 +216,21 @@ class Children:
             _request_timeout=REQUEST_TIMEOUT,
         )  # fmt: skip
         return {**latest, "spec": {**(latest.get("spec") or {}), "suspend": want}}
+
+    def stop_attempt(self, latest: Obj) -> None:
+        """Delete an attempt's Job so that the same attempt can be created again whole.
+        Foreground: the Job stays (deleting) until its pods are gone, so the new one cannot
+        start a second trainer beside a dying one on the same checkpoints."""
+        meta = latest["metadata"]
+        _ignore_missing(
+            partial(
+                client.BatchV1Api(self.api).delete_namespaced_job,
+                meta["name"],
+                meta["namespace"],
+                propagation_policy="Foreground",
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        )
 
     def prune(self, owner: ch.Owner, jobs: list[Obj]) -> None:
         """Delete old failed attempts' Jobs (and their pods)."""
