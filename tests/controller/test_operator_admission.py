@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 
+from tests.cluster.crd import install_crd
 from tests.cluster.harness import LocalCluster
 from tests.cluster.procs import wait_until
 from tests.controller.conftest import Operator, ftj, kwok_operator_in_own_namespace
@@ -17,6 +19,7 @@ from tests.controller.helpers import create, quickstart, wait_phase
 from tests.controller.test_operator_policies import ON_KWOK, events
 
 pytestmark = pytest.mark.cluster
+CRD = Path(__file__).resolve().parents[2] / "crds" / "finetunejob.yaml"
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -120,3 +123,31 @@ def test_secrets_reach_the_pods_by_reference_and_nowhere_else(
         "operator log": kwok_operator.log.read_text(errors="replace"),
     }
     assert [where for where, text in places.items() if value in text] == []
+
+
+def test_an_object_stored_before_a_stricter_crd_stalls_with_the_reason(
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    kwok_operator: Operator,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    """An object the current CRD would refuse (stored under a looser, older CRD): Failed
+    `InvalidSpec`, Stalled, naming the field and what is allowed; no Job."""
+    ns, name = cluster_namespace, "older"
+    crd = yaml.safe_load(CRD.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    template = schema["properties"]["spec"]["properties"]["data"]["properties"]["template"]
+    del template["enum"]  # as if an older release accepted any template name
+    looser = tmp_path / "older-crd.yaml"
+    looser.write_text(yaml.safe_dump(crd))
+    try:
+        install_crd(cluster_api, looser)
+        body = quickstart(tiny_model, name, {"spec": {**ON_KWOK, "data": {"template": "mistral"}}})
+        create(cluster_api, ns, body)
+    finally:
+        install_crd(cluster_api, CRD)
+    status = wait_phase(cluster_api, ns, name, "Failed", kwok_operator, 60)["status"]
+    assert conditions(status)["Stalled"] == ("True", "InvalidSpec")
+    assert "spec.data.template" in status["message"] and "chatml" in status["message"], status
+    assert not client.BatchV1Api(cluster_api).list_namespaced_job(ns).items
