@@ -106,3 +106,37 @@ def test_a_namesake_replaces_a_job_whose_deletion_was_never_seen() -> None:
     reconciler.seen(body("new"))  # same name, new uid: the old one is gone
     assert [b["metadata"]["uid"] for b in reconciler.known()] == ["new"]
     assert reconciler._state("old") is None and reconciler.uid_of("ns", "qs") == "new"
+
+
+class StopRecorder:
+    def __init__(self) -> None:
+        self.stopped: list[tuple[str, str | None]] = []
+
+    def stop_attempt(self, latest: Obj, why: str | None = None) -> None:
+        self.stopped.append((latest["metadata"]["name"], why))
+
+
+def test_a_disrupted_attempt_is_stopped_once_and_never_for_a_finished_run() -> None:
+    reconciler = rc.Reconciler(rc.Config())
+    recorder = StopRecorder()
+    reconciler._children = recorder  # type: ignore[assignment]
+    job = {"metadata": {"name": "qs-1", "uid": "j1", "labels": {"kubetune.io/attempt": "1"}},
+           "spec": {"parallelism": 2}, "status": {}}  # fmt: skip
+    target = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    evicted = {"metadata": {"name": "qs-1-1", "deletionTimestamp": "x",
+                            "ownerReferences": [{"uid": "j1"}]},
+               "status": {"phase": "Running", "conditions": [target]}}  # fmt: skip
+    stranger = {**evicted, "metadata": {**evicted["metadata"], "ownerReferences": [{"uid": "j0"}]}}
+    observed = st.Observed(generation=1, run="qs", output_path="qs/qs", jobs=[job])
+
+    assert reconciler._recreate_if_disrupted(observed, [stranger], {}).disrupted is None
+    assert recorder.stopped == []  # another Job's pod says nothing about this attempt
+    seen = reconciler._recreate_if_disrupted(observed, [evicted], {})
+    assert seen.disrupted is not None and "EvictionByEvictionAPI" in seen.disrupted
+    assert recorder.stopped == [("qs-1", seen.disrupted)]
+    finished = {"runs": [{"id": "qs", "phase": "Failed"}]}
+    assert reconciler._recreate_if_disrupted(observed, [evicted], finished).disrupted is None
+    deleting = {**job, "metadata": {**job["metadata"], "deletionTimestamp": "x"}}
+    again = st.Observed(generation=1, run="qs", output_path="qs/qs", jobs=[deleting])
+    assert reconciler._recreate_if_disrupted(again, [evicted], {}).disrupted is not None
+    assert len(recorder.stopped) == 1  # already going: not deleted again

@@ -406,50 +406,89 @@ def test_only_the_newest_failed_attempts_are_kept() -> None:
     assert [attempt_of(j) for j in st.prunable(jobs[:6])] == [1, 2]
 
 
-def disrupted_pod(index: int, reason: str = "PreemptionByScheduler") -> Obj:
+def disrupted_pod(index: int, reason: str = "PreemptionByScheduler", at: str = "") -> Obj:
     target = {"type": "DisruptionTarget", "status": "True", "reason": reason,
-              "message": "Preempted by a higher-priority pod"}  # fmt: skip
+              "message": "Preempted by a higher-priority pod",
+              "lastTransitionTime": at}  # fmt: skip
     disrupted = pod("Failed", index, conditions=[target])
     disrupted["metadata"]["name"] = f"{RUN}-2-{index}-x"
     return disrupted
 
 
+def two_pod_job(attempt: int, uid: str, **fields: Any) -> Obj:
+    job = batch_job(attempt, parallelism=2)
+    job["metadata"].update(uid=uid, **fields)
+    return job
+
+
 def test_a_disrupted_multi_node_attempt_is_recreated_whole_without_spending_a_retry() -> None:
-    """One pod preempted: the attempt is stopped (the reconciler deletes its Job), reported
-    with the cause, and once its Job is gone the same attempt number starts again."""
-    active = batch_job(2, parallelism=2)
+    """One pod preempted: the attempt is stopped (annotated, then deleted by the reconciler),
+    reported with the cause, counted once, and once its Job is gone the same attempt number
+    starts again."""
+    active = two_pod_job(2, "job-2")
     earlier = failed_job(1, "BackoffLimitExceeded", NOW - timedelta(hours=1))
     pods = [disrupted_pod(0), pod("Running", 1)]
-    assert "PreemptionByScheduler" in (st.disruption(active, pods) or "")
-    seen = observed(jobs=[earlier, active], pods=pods, backoff_limit=1,
-                    disrupted=st.disruption(active, pods), now=NOW)  # fmt: skip
+    why = st.disruption(active, pods)
+    assert why is not None and "PreemptionByScheduler" in why
+    seen = observed(jobs=[earlier, active], pods=pods, backoff_limit=1, disrupted=why, now=NOW)
     status, events = st.compute(seen, {"phase": "Running"}, NOW)
     assert status["phase"] == "Pending"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "AttemptDisrupted" and "PreemptionByScheduler" in ready["message"]
     assert conditions(status)["Reconciling"] == "True"
     assert [e.reason for e in events] == ["AttemptDisrupted"]
+    assert status["currentRun"]["disruptions"] == 1
     assert st.next_attempt(seen, status) is None  # nothing new while its pods stop
 
-    deleting = {**active, "metadata": {**active["metadata"], "deletionTimestamp": "x"}}
-    stopping = observed(jobs=[earlier, deleting], backoff_limit=1, now=NOW)
+    # Stopping: its pods are gone, the annotation says why; counted once, nothing created.
+    annotations = {ch.DISRUPTED_ANNOTATION: why}
+    deleting = two_pod_job(2, "job-2", deletionTimestamp="x", annotations=annotations)
+    assert st.job_state(deleting) == "deleting"
+    assert st.disruption(deleting, []) == why
+    stopping = observed(jobs=[earlier, deleting], backoff_limit=1, disrupted=why, now=NOW)
     assert st.next_attempt(stopping, status) is None
-    assert st.compute(stopping, status, NOW)[0]["phase"] == "Pending"
+    again, _ = st.compute(stopping, status, NOW)
+    assert again["phase"] == "Pending" and again["currentRun"]["disruptions"] == 1
     gone = observed(jobs=[earlier], backoff_limit=1, now=NOW)
-    assert st.next_attempt(gone, status) == 2  # the same attempt, with backoffLimit 1
+    assert st.next_attempt(gone, again) == 2  # the same attempt, with backoffLimit 1
 
 
 def test_what_counts_as_a_disruption() -> None:
-    two = batch_job(1, parallelism=2)
+    two = two_pod_job(1, "j")
     assert st.disruption(batch_job(1, parallelism=1), [disrupted_pod(0)]) is None  # one pod
     assert st.disruption(two, [pod("Running", 0), pod("Running", 1)]) is None
     assert st.disruption(batch_job(1, "Complete", parallelism=2), [disrupted_pod(0)]) is None
-    preempted = pod("Failed", 1)
-    preempted["metadata"]["name"] = "p-1"
-    preempted["status"]["containerStatuses"] = [
-        {"name": ch.CONTAINER, "state": {"terminated": {"exitCode": ch.EXIT_PREEMPTED}}}
-    ]
-    failed = batch_job(1, "Failed", "BackoffLimitExceeded", parallelism=2)
-    assert "checkpoint" in (st.disruption(failed, [pod("Failed", 0), preempted]) or "")
-    evicted = disrupted_pod(0, "EvictionByEvictionAPI")
-    assert "EvictionByEvictionAPI" in (st.disruption(failed, [evicted]) or "")
+    # A condition on a pod that stays (an eviction a PodDisruptionBudget refused) is stale.
+    staying = disrupted_pod(0)
+    staying["status"]["phase"] = "Running"
+    assert st.disruption(two, [staying]) is None
+    # The Job's own FailJob rule for DisruptionTarget: lasts after the pod is gone.
+    by_rule = batch_job(1, "Failed", "PodFailurePolicy", parallelism=2)
+    by_rule["status"]["conditions"][0]["message"] = (
+        "Pod ns/p-1 has condition DisruptionTarget matching FailJob rule at index 2"
+    )
+    assert "DisruptionTarget" in (st.disruption(by_rule, []) or "")
+    assert st.job_state(by_rule) == "failed"  # not "rejected", as exit 2 is
+    exit_2 = batch_job(1, "Failed", "PodFailurePolicy", parallelism=2)
+    exit_2["status"]["conditions"][0]["message"] = (
+        "Container trainer for pod ns/p-0 failed with exit code 2 matching FailJob rule at index 0"
+    )
+    assert st.job_state(exit_2) == "rejected" and st.disruption(exit_2, []) is None
+    # A crash failed the Job first; a pod disrupted afterwards did not cause it.
+    crashed = batch_job(1, "Failed", "BackoffLimitExceeded", parallelism=2)
+    crashed["status"]["conditions"][0]["lastTransitionTime"] = "2025-01-02T03:00:00Z"
+    assert st.disruption(crashed, [disrupted_pod(1, at="2025-01-02T03:00:05Z")]) is None
+    assert st.disruption(crashed, [disrupted_pod(1, at="2025-01-02T02:59:58Z")]) is not None
+    # A trainer stopped by SIGTERM is no disruption by itself (peers of a crash are, too).
+    preempted = pod("Failed", 1, message='{"phase": "Preempted"}')
+    assert st.disruption(crashed, [preempted]) is None
+
+
+def test_disruptions_stop_being_free_after_the_cap() -> None:
+    latest = two_pod_job(1, "job-b")
+    seen = observed(jobs=[latest])
+    spent = {"currentRun": {"id": RUN, "disruptions": 20, "disruptedJob": "job-a"}}
+    assert st.disruptions_spent(seen, spent, latest)
+    assert not st.disruptions_spent(seen, {"currentRun": {"id": RUN, "disruptions": 19}}, latest)
+    this_one = {"currentRun": {"id": RUN, "disruptions": 20, "disruptedJob": "job-b"}}
+    assert not st.disruptions_spent(seen, this_one, latest)  # its own recreation goes on

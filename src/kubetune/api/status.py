@@ -39,6 +39,10 @@ class CurrentRun(KubeModel):
     """Run id; outputs go to `<subPath>/<id>`."""
     attempt: int = 1
     """Attempt number (each retry resumes from the newest checkpoint)."""
+    disruptions: int | None = None
+    """Times an attempt was recreated whole after a disruption (not counted as retries)."""
+    disrupted_job: str | None = None
+    """UID of the Job last stopped for a disruption (each is counted once)."""
     generation: int | None = None
     """The metadata.generation this run trains."""
     started_at: str | None = None

@@ -36,6 +36,8 @@ RUN_LABEL = f"{LABEL_PREFIX}/run"  # the run's base name (the run id, shortened)
 ATTEMPT_LABEL = f"{LABEL_PREFIX}/attempt"
 RUN_ID_ANNOTATION = f"{LABEL_PREFIX}/run-id"  # the full run id (may exceed a label's 63)
 RETRAIN_TOKEN_ANNOTATION = f"{LABEL_PREFIX}/retrain-token"
+DISRUPTED_ANNOTATION = f"{LABEL_PREFIX}/disrupted"
+"""On an attempt's Job the operator is deleting to create it again whole: why."""
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 COMMON_LABELS = {

@@ -15,7 +15,7 @@ from kubetune.controller.children import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX_ANNOTATION,
     CONTAINER,
-    EXIT_PREEMPTED,
+    DISRUPTED_ANNOTATION,
 )
 from kubetune.controller.progress import Progress, parse_summary
 
@@ -27,6 +27,9 @@ AttemptState = Literal[
 RETRY_BASE_SECONDS = 10.0
 RETRY_MAX_SECONDS = 600.0
 """Delay before attempt n+1: base * 2^(n-1), at most this (Kubernetes Jobs back off alike)."""
+MAX_DISRUPTIONS = 20
+"""Times a run's attempts are recreated after disruptions before a disruption counts as a
+failure (a trainer whose own memory use gets its node to evict it would loop forever)."""
 
 
 def timestamp(now: datetime) -> str:
@@ -56,10 +59,6 @@ def attempt_of(obj: Obj) -> int:
 def job_state(job: Obj | None) -> AttemptState:
     if job is None:
         return "missing"
-    if job["metadata"].get("deletionTimestamp"):
-        # Stopped by the operator (a disruption, a suspend under Kueue): nothing new starts
-        # until its pods are gone (foreground deletion), so no second trainer overlaps them.
-        return "deleting"
     conditions = conditions_of(job)
 
     def true(kind: str) -> bool:
@@ -71,9 +70,16 @@ def job_state(job: Obj | None) -> AttemptState:
         reason = conditions["Failed"].get("reason")
         if reason == "DeadlineExceeded":
             return "deadline"
-        # The pod failure policy's FailJob rule: the trainer exited 2 (bad spec, data, model
-        # or output), which no retry can fix.
-        return "rejected" if reason == "PodFailurePolicy" else "failed"
+        # The pod failure policy's FailJob rules: the trainer exited 2 (bad spec, data, model
+        # or output), which no retry can fix; or a pod of a multi-node attempt was disrupted.
+        if reason == "PodFailurePolicy" and not _disruption_rule(conditions["Failed"]):
+            return "rejected"
+        return "failed"
+    meta = job["metadata"]
+    if meta.get("deletionTimestamp") and DISRUPTED_ANNOTATION in (meta.get("annotations") or {}):
+        # Stopped whole by the operator after a disruption: nothing new starts until its pods
+        # are gone (foreground deletion), so no second trainer overlaps them.
+        return "deleting"
     if (job.get("spec") or {}).get("suspend") and not (job.get("status") or {}).get("active"):
         return "suspended"
     return "active"
@@ -112,27 +118,57 @@ def oom_killed(pods: list[Obj]) -> bool:
     return False
 
 
+def _disruption_rule(failed: Obj) -> bool:
+    """The Job failed by its FailJob rule for DisruptionTarget (multi-node attempts), whose
+    message the Job controller writes as "Pod ns/name has condition DisruptionTarget ..."."""
+    return failed.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in str(
+        failed.get("message") or ""
+    )
+
+
 def disruption(job: Obj | None, pods: list[Obj]) -> str | None:
-    """Why a multi-node attempt must be recreated whole, or None: one of its pods was
-    disrupted (a DisruptionTarget condition: preemption, eviction, a node lost or drained) or
-    stopped for one after a checkpoint (the trainer's exit 75). Its peers would fail on the
-    broken ring and spend an attempt that was not theirs. A one-pod attempt needs nothing:
-    its Job replaces the pod (the pod failure policy ignores disruptions)."""
+    """Why a multi-node attempt must be recreated whole, or None: a pod of it was disrupted
+    (preempted, evicted, its node drained, shut down or lost: a DisruptionTarget condition on
+    a pod that is going or gone), so its peers fail on the broken ring through no fault of the
+    run. Read from what lasts: the Job's FailJob rule for DisruptionTarget, the annotation the
+    operator puts on a Job it stops, or the pod's condition from before the Job failed. A
+    one-pod attempt needs nothing: its Job replaces the pod (the pod failure policy ignores
+    disruptions there). Not a disruption: a trainer stopped by SIGTERM for any other reason
+    (its peers are terminated that way when one of them crashes)."""
     if job is None or int((job.get("spec") or {}).get("parallelism") or 1) < 2:
         return None
+    annotations = job["metadata"].get("annotations") or {}
+    if DISRUPTED_ANNOTATION in annotations:
+        return str(annotations[DISRUPTED_ANNOTATION])
     if job_state(job) not in ("active", "failed"):
         return None
+    failed = conditions_of(job).get("Failed")
+    if failed is not None and _disruption_rule(failed):
+        return str(failed.get("message"))
     for pod in pods:
-        name = pod["metadata"].get("name")
         target = conditions_of(pod).get("DisruptionTarget") or {}
-        if target.get("status") == "True":
-            said = f": {target['message']}" if target.get("message") else ""
-            return f"pod {name}: {target.get('reason') or 'DisruptionTarget'}{said}"
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (status.get("state") or {}).get("terminated") or {}
-            if status.get("name") == CONTAINER and terminated.get("exitCode") == EXIT_PREEMPTED:
-                return f"pod {name} stopped for a preemption after saving a checkpoint"
+        going = pod["metadata"].get("deletionTimestamp") or (
+            (pod.get("status") or {}).get("phase") == "Failed"
+        )
+        # A condition on a pod that stays (an eviction a PodDisruptionBudget refused) is
+        # stale; one set after the Job had failed did not fail it.
+        if target.get("status") != "True" or not going:
+            continue
+        since = str(target.get("lastTransitionTime") or "")
+        if failed is not None and since > str(failed.get("lastTransitionTime") or ""):
+            continue
+        said = f": {target['message']}" if target.get("message") else ""
+        return f"pod {pod['metadata'].get('name')}: {target.get('reason') or 'disrupted'}{said}"
     return None
+
+
+def disruptions_spent(observed: Observed, previous: Obj, latest: Obj) -> bool:
+    """The run's attempts were recreated MAX_DISRUPTIONS times already (this Job's own
+    disruption, once counted, still gets its recreation)."""
+    run = previous.get("currentRun") or {}
+    if run.get("id") != observed.run or run.get("disruptedJob") == latest["metadata"].get("uid"):
+        return False
+    return int(run.get("disruptions") or 0) >= MAX_DISRUPTIONS
 
 
 def unschedulable(pods: list[Obj]) -> str | None:

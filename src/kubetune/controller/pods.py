@@ -259,7 +259,10 @@ def batch_job(
     Any pod failing fails the whole attempt (backoffLimit 0: one pod down breaks the ring);
     the operator then starts attempt n+1, which resumes from the newest checkpoint. Failures
     that are not the trainer's fault (preemption after a checkpoint, exit 75, or a disruption)
-    are ignored, so the Job controller replaces that pod without using up an attempt.
+    are ignored in a one-pod attempt, so the Job controller replaces that pod without using
+    up an attempt. In a multi-node attempt a disrupted pod fails the Job at once by its own
+    rule (its peers cannot go on without it), and the operator creates the same attempt again
+    whole (observe.disruption); the Job's failure reason says why, after the pod is gone.
     """
     spec = job.spec
     nodes = spec.distributed.nodes
@@ -294,7 +297,10 @@ def batch_job(
                         "values": [EXIT_PREEMPTED],
                     },
                 },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore" if nodes == 1 else "FailJob",
+                    "onPodConditions": [{"type": "DisruptionTarget"}],
+                },
             ]
         },
         # Kueue admits a queued Job by unsuspending it; spec.suspend pauses it.

@@ -74,7 +74,7 @@ class _State:
     reconciled_at: float = 0.0
     scraped_at: float = 0.0
     progress: Progress | None = None
-    progress_of: tuple[str, int] | None = None
+    progress_of: tuple[str, int, str] | None = None
     """The (run, attempt) that `progress` was scraped from."""
     created: dict[str, tuple[float, Obj]] = field(default_factory=dict)
     """Jobs created here that the index may not show yet (name: (when, body)): without them a
@@ -269,11 +269,13 @@ class Reconciler:
             self.children.prune(owner, old_attempts)
             observed = replace(observed, jobs=[j for j in mine if j not in old_attempts])
 
-        observed = self._recreate_if_disrupted(observed, pods)
+        observed = self._recreate_if_disrupted(observed, pods, previous)
         attempt = st.next_attempt(observed, previous)
         if attempt is not None and attempt != observed.attempt:
+            recorded = previous.get("currentRun") or {}
+            recreated = recorded.get("id") == run and attempt <= int(recorded.get("attempt") or 0)
             try:
-                created = self.children.create_run(job, owner, run, attempt, token)
+                created = self.children.create_run(job, owner, run, attempt, token, recreated)
             except (ChildConflict, DataNotReady) as err:
                 observed = replace(observed, blocked=(err.reason, str(err)))
             except client.ApiException as err:
@@ -295,22 +297,31 @@ class Reconciler:
             attempt_pods = [p for p in pods if owned_by(p, latest["metadata"].get("uid"))]
             observed = replace(observed, pods=attempt_pods)
             observed = replace(
-                observed, progress=self._progress(state, (run, observed.attempt), attempt_pods)
+                observed,
+                progress=self._progress(
+                    state,
+                    (run, observed.attempt, latest["metadata"].get("uid") or ""),
+                    attempt_pods,
+                ),
             )
         status = self._write(body, state, previous, observed, now)
         outcomes.expire(self.api, body, job, owner, status, now)
 
-    def _recreate_if_disrupted(self, observed: st.Observed, pods: list[Obj]) -> st.Observed:
+    def _recreate_if_disrupted(
+        self, observed: st.Observed, pods: list[Obj], previous: Obj
+    ) -> st.Observed:
         """A multi-node attempt with a disrupted pod is stopped whole; once its Job is gone,
-        `next_attempt` creates the same attempt again (no retry spent, no back-off)."""
+        `next_attempt` creates the same attempt again (no retry spent, no back-off). Never for
+        a finished run, and only MAX_DISRUPTIONS times per run."""
         latest = observed.latest
-        if latest is None:
+        if latest is None or st.finished_phase(previous, observed.run):
             return observed
         attempt_pods = [p for p in pods if owned_by(p, latest["metadata"].get("uid"))]
         why = st.disruption(latest, attempt_pods)
-        if why is None:
+        if why is None or st.disruptions_spent(observed, previous, latest):
             return observed
-        self.children.stop_attempt(latest)
+        if not latest["metadata"].get("deletionTimestamp"):
+            self.children.stop_attempt(latest, why)
         return replace(observed, disrupted=why, pods=attempt_pods)
 
     # -- progress and status -------------------------------------------------------------------
@@ -329,9 +340,12 @@ class Reconciler:
             raise
         return bool(current["metadata"]["uid"] != meta["uid"])
 
-    def _progress(self, state: _State, of: tuple[str, int], pods: list[Obj]) -> Progress | None:
-        """Rank 0's metrics for this run and attempt, read at most once per status interval
-        (another run's or attempt's numbers are never shown for this one)."""
+    def _progress(
+        self, state: _State, of: tuple[str, int, str], pods: list[Obj]
+    ) -> Progress | None:
+        """Rank 0's metrics for this run and attempt (its Job, by UID: a recreated attempt is
+        another), read at most once per status interval (another run's or attempt's numbers
+        are never shown for this one)."""
         if state.progress_of != of:
             state.progress, state.progress_of, state.scraped_at = None, of, 0.0
         if time.monotonic() - state.scraped_at < self.config.status_interval:

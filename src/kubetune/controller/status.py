@@ -22,6 +22,7 @@ from kubetune.controller.observe import (
     attempt_state,
     container_problem,
     disruption,
+    disruptions_spent,
     finished_phase,
     invalid_spec,
     job_state,
@@ -215,6 +216,14 @@ def _current_run(observed: Observed, previous: Obj, verdict: Verdict, now: datet
         "generation": old.get("generation") if same else observed.generation,
         "startedAt": old.get("startedAt") if same else earlier.get("startedAt", timestamp(now)),
     }
+    for key in ("disruptions", "disruptedJob"):
+        if same and old.get(key):
+            run[key] = old[key]
+    latest = (observed.latest or {}).get("metadata") or {}
+    stopped = latest.get("uid") or latest.get("name")
+    if observed.disrupted and stopped and run.get("disruptedJob") != stopped:
+        run["disruptions"] = int(run.get("disruptions") or 0) + 1
+        run["disruptedJob"] = stopped
     if observed.retrain_token:
         run["retrainToken"] = observed.retrain_token
     if observed.run_spec is not None:
@@ -358,6 +367,8 @@ __all__ = [
     "Verdict",
     "compute",
     "disruption",
+    "disruptions_spent",
+    "finished_phase",
     "invalid_spec",
     "job_state",
     "next_attempt",

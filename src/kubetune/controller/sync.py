@@ -66,10 +66,17 @@ class Children:
         self.api, self.settings, self.metrics = api, settings, metrics
 
     def create_run(
-        self, job: Any, owner: ch.Owner, run: str, attempt: int, token: str | None
+        self,
+        job: Any,
+        owner: ch.Owner,
+        run: str,
+        attempt: int,
+        token: str | None,
+        recreated: bool = False,
     ) -> Obj:
         """The run's claim, ConfigMap, Service and the attempt's Job; returns the Job (as
-        created, or as rendered when it existed already)."""
+        created, or as rendered when it existed already). `recreated`: the same attempt again
+        after a disruption (counted apart from first tries and retries)."""
         core, batch = client.CoreV1Api(self.api), client.BatchV1Api(self.api)
         ns = owner.namespace
         self._check_data(job, ns)
@@ -104,8 +111,9 @@ class Children:
         )
         if created is None:
             return dict(body)  # ours already (HTTP 409); the index shows it soon
-        self.metrics.attempts.labels(kind="first" if attempt == 1 else "retry").inc()
-        if attempt == 1:
+        kind = "recreated" if recreated else "first" if attempt == 1 else "retry"
+        self.metrics.attempts.labels(kind=kind).inc()
+        if attempt == 1 and not recreated:
             self.metrics.runs_started.inc()
         log.info("%s/%s: created Job %s", ns, owner.name, job_name)
         return created
@@ -217,11 +225,22 @@ class Children:
         )  # fmt: skip
         return {**latest, "spec": {**(latest.get("spec") or {}), "suspend": want}}
 
-    def stop_attempt(self, latest: Obj) -> None:
+    def stop_attempt(self, latest: Obj, why: str | None = None) -> None:
         """Delete an attempt's Job so that the same attempt can be created again whole.
         Foreground: the Job stays (deleting) until its pods are gone, so the new one cannot
-        start a second trainer beside a dying one on the same checkpoints."""
+        start a second trainer beside a dying one on the same checkpoints. `why` (a
+        disruption) is annotated first: it outlasts the disrupted pod."""
         meta = latest["metadata"]
+        if why is not None:
+            _ignore_missing(
+                partial(
+                    client.BatchV1Api(self.api).patch_namespaced_job,
+                    meta["name"],
+                    meta["namespace"],
+                    {"metadata": {"annotations": {ch.DISRUPTED_ANNOTATION: why[:1024]}}},
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
         _ignore_missing(
             partial(
                 client.BatchV1Api(self.api).delete_namespaced_job,
