@@ -37,7 +37,7 @@ def set_args(values: dict[str, Any]) -> list[str]:
 def render(values: dict[str, Any] | None = None, chart: Path = CHART) -> list[dict[str, Any]]:
     """`helm template` of the chart: every object it would install (test hooks included)."""
     out = helm("template", "kubetune", str(chart), "--namespace", "kubetune-system",
-               *set_args(values or {})).stdout  # fmt: skip
+               "--include-crds", *set_args(values or {})).stdout  # fmt: skip
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 

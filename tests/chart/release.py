@@ -33,9 +33,10 @@ class Release:
                     *set_args(values), kubeconfig=self.kubeconfig)  # fmt: skip
         return done.stdout
 
-    def uninstall(self) -> str:
+    def uninstall(self, check: bool = True) -> str:
+        """`helm uninstall` (check=False: a clean-up that must not hide a test's failure)."""
         args = ("uninstall", self.name, "--namespace", self.namespace, "--wait")
-        return helm(*args, kubeconfig=self.kubeconfig).stdout
+        return helm(*args, kubeconfig=self.kubeconfig, check=check).stdout
 
     def pods(self) -> list[Any]:
         selector = OPERATOR_SELECTOR.format(self.name)

@@ -5,6 +5,7 @@ an uninstall loses nothing. RBAC is checked with `kubectl auth can-i`; two repli
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from kubetune import __version__
 from kubetune.controller import children as ch
 from tests.chart.helm import CHART, helm
 from tests.chart.release import Release, adopt_crd
@@ -44,23 +46,42 @@ def kubectl(cluster: LocalCluster, *args: str) -> str:
     return cluster.control_plane.kubectl(*args)
 
 
-def release(cluster: LocalCluster, namespace: str, **values: Any) -> Release:
-    return Release("kubetune", namespace, cluster.kubeconfig, cluster.api(), values)
+def release(cluster: LocalCluster, namespace: str, name: str, **values: Any) -> Release:
+    return Release(name, namespace, cluster.kubeconfig, cluster.api(), values)
+
+
+NEXT = "0.1.99"
+"""The version of the simulated next release (chart, operator and trainer images)."""
 
 
 def upgraded_chart(tmp_path: Path) -> Path:
-    """The chart as a later release would ship it: its CRD gained a field, its version moved."""
+    """The chart as the next release would ship it: its CRD gained a field, its version and
+    appVersion moved (so the operator image and the default trainer image change too)."""
     chart = tmp_path / "kubetune"
     shutil.copytree(CHART, chart)
     crd_file = chart / "files" / "finetunejob.crd.yaml"
     crd = yaml.safe_load(crd_file.read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    spec["properties"]["futureKnob"] = {"type": "string", "description": "Added in 0.1.1."}
+    spec["properties"]["futureKnob"] = {"type": "string", "description": f"Added in {NEXT}."}
     crd_file.write_text(yaml.safe_dump(crd, sort_keys=False))
     meta = yaml.safe_load((chart / "Chart.yaml").read_text())
-    meta["version"] = "0.1.1"
+    meta["version"] = meta["appVersion"] = NEXT
     (chart / "Chart.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
     return chart
+
+
+@contextlib.contextmanager
+def next_release_images(node: RealNode) -> Iterator[None]:
+    """The images of the next release: today's, under its tag (no registry here)."""
+    tags = [(f"ghcr.io/kubetune/{name}:{__version__}", f"ghcr.io/kubetune/{name}:{NEXT}")
+            for name in ("operator", "trainer")]  # fmt: skip
+    try:
+        for image, tag in tags:
+            node.tag_image(image, tag)
+        yield
+    finally:
+        for _, tag in tags:
+            node.untag_image(tag)
 
 
 def test_install_quickstart_upgrade_uninstall_reinstall(
@@ -71,62 +92,78 @@ def test_install_quickstart_upgrade_uninstall_reinstall(
     tmp_path: Path,
 ) -> None:
     """The README's cluster path, end to end: helm install, `kubectl apply -k examples/`,
-    a helm upgrade mid-run, helm uninstall, helm install again."""
-    with cluster.namespace("team", labels=ON_REAL_NODE) as team:
-        ops = release(cluster, ops_namespace, watchNamespaces=[team],
+    a helm upgrade to the next version mid-run, helm uninstall, helm install again."""
+    with cluster.namespace("team", labels=ON_REAL_NODE) as team, next_release_images(real_node):
+        ops = release(cluster, ops_namespace, "kubetune", watchNamespaces=[team],
                       operator={"statusInterval": 1, "reconcileInterval": 2})  # fmt: skip
         adopt_crd(lambda *a: kubectl(cluster, *a), ops.name, ops_namespace)
-        notes = ops.install()
-        assert f"kubectl apply -n {team} -k examples/" in notes
-        [pod] = ops.wait_ready(1)
-        assert pod.spec.service_account_name == "kubetune"
-        assert pod.spec.node_name == real_node.name
-        tested = helm("test", ops.name, "-n", ops_namespace, "--logs", kubeconfig=ops.kubeconfig)
-        assert "Phase:          Succeeded" in tested.stdout, tested.stdout
+        try:
+            install_train_upgrade_and_reinstall(cluster, cluster_api, real_node, ops, team,
+                                                tmp_path)  # fmt: skip
+        finally:
+            ops.uninstall(check=False)
 
-        kubectl(cluster, "apply", "-n", team, "-k", str(EXAMPLES))
-        running = wait_phase(cluster_api, team, "quickstart", "Running", ops, 300)["status"]
-        run = running["currentRun"]["id"]
-        [job] = client.BatchV1Api(cluster_api).list_namespaced_job(team).items
 
-        # An upgrade mid-run: the CRD gains a field, the operator pod is replaced.
-        ops.install(upgraded_chart(tmp_path), command="upgrade", podAnnotations={"rev": "2"})
-        crd = client.ApiextensionsV1Api(cluster_api).read_custom_resource_definition(
-            "finetunejobs.kubetune.io"
-        )
-        schema = crd.spec.versions[0].schema.open_apiv3_schema.properties["spec"]
-        assert "futureKnob" in schema.properties
-        [upgraded] = ops.wait_ready(1)
-        assert upgraded.metadata.uid != pod.metadata.uid
-        assert ftj(cluster_api, team, "quickstart")["status"]["phase"] == "Running"
+def install_train_upgrade_and_reinstall(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    real_node: RealNode,
+    ops: Release,
+    team: str,
+    tmp_path: Path,
+) -> None:
+    notes = ops.install()
+    assert f"kubectl apply -n {team} -k examples/" in notes
+    [pod] = ops.wait_ready(1)
+    assert pod.spec.service_account_name == "kubetune"
+    assert pod.spec.node_name == real_node.name
+    tested = helm("test", ops.name, "-n", ops.namespace, "--logs", kubeconfig=ops.kubeconfig)
+    assert "Phase:          Succeeded" in tested.stdout, tested.stdout
 
-        done = wait_phase(cluster_api, team, "quickstart", "Succeeded", ops, 900)["status"]
-        assert done["currentRun"]["id"] == run
-        assert not done.get("runs") or [r["id"] for r in done["runs"]] == [run]
-        [same] = client.BatchV1Api(cluster_api).list_namespaced_job(team).items
-        assert same.metadata.uid == job.metadata.uid, "the upgrade restarted the run"
-        assert_trained_on_the_real_node(cluster, cluster_api, team, run, real_node)
-        ops.assert_permitted()
+    kubectl(cluster, "apply", "-n", team, "-k", str(EXAMPLES))
+    running = wait_phase(cluster_api, team, "quickstart", "Running", ops, 300)["status"]
+    run = running["currentRun"]["id"]
+    [job] = client.BatchV1Api(cluster_api).list_namespaced_job(team).items
 
-        ops.uninstall()
-        assert_nothing_lost(cluster_api, team, run)
-        assert kubectl(cluster, "get", "clusterrole", "-l", "app.kubernetes.io/instance=kubetune",
-                       "-o", "name").strip() == ""  # fmt: skip
+    # The next release, mid-run: its CRD gains a field, the operator pod is replaced by one of
+    # the new version, whose default trainer image is new too.
+    ops.install(upgraded_chart(tmp_path), command="upgrade")
+    crd = client.ApiextensionsV1Api(cluster_api).read_custom_resource_definition(
+        "finetunejobs.kubetune.io"
+    )
+    schema = crd.spec.versions[0].schema.open_apiv3_schema.properties["spec"]
+    assert "futureKnob" in schema.properties
+    [upgraded] = ops.wait_ready(1)
+    assert upgraded.metadata.uid != pod.metadata.uid
+    assert upgraded.spec.containers[0].image == f"ghcr.io/kubetune/operator:{NEXT}"
+    assert f"--trainer-image=ghcr.io/kubetune/trainer:{NEXT}" in upgraded.spec.containers[0].args
 
-        ops.install()  # the CRD kept its ownership: the same release takes it back
-        [again] = ops.wait_ready(1)
-        wait_until(
-            "the reinstalled operator counts the Succeeded job",
-            lambda: 'kubetune_operator_jobs{phase="Succeeded"} 1.0' in ops.metrics(again),
-            60,
-            interval=1,
-        )
-        status = ftj(cluster_api, team, "quickstart")["status"]
-        assert status["phase"] == "Succeeded" and status["currentRun"]["id"] == run
-        [still] = client.BatchV1Api(cluster_api).list_namespaced_job(team).items
-        assert still.metadata.uid == job.metadata.uid
-        ops.assert_permitted()
-        ops.uninstall()
+    done = wait_phase(cluster_api, team, "quickstart", "Succeeded", ops, 900)["status"]
+    assert done["currentRun"]["id"] == run
+    assert not done.get("runs") or [r["id"] for r in done["runs"]] == [run]
+    [same] = client.BatchV1Api(cluster_api).list_namespaced_job(team).items
+    assert same.metadata.uid == job.metadata.uid, "the upgrade restarted the run"
+    assert_trained_on_the_real_node(cluster, cluster_api, team, run, real_node)
+    ops.assert_permitted()
+
+    ops.uninstall()
+    assert_nothing_lost(cluster_api, team, run)
+    assert kubectl(cluster, "get", "clusterrole", "-l", f"app.kubernetes.io/instance={ops.name}",
+                   "-o", "name").strip() == ""  # fmt: skip
+
+    ops.install()  # the CRD kept its ownership: the same release takes it back
+    [again] = ops.wait_ready(1)
+    wait_until(
+        "the reinstalled operator counts the Succeeded job",
+        lambda: 'kubetune_operator_jobs{phase="Succeeded"} 1.0' in ops.metrics(again),
+        60,
+        interval=1,
+    )
+    status = ftj(cluster_api, team, "quickstart")["status"]
+    assert status["phase"] == "Succeeded" and status["currentRun"]["id"] == run
+    [still] = client.BatchV1Api(cluster_api).list_namespaced_job(team).items
+    assert still.metadata.uid == job.metadata.uid
+    ops.assert_permitted()
 
 
 def assert_trained_on_the_real_node(
@@ -204,9 +241,9 @@ def test_rbac_is_least_privilege_cluster_wide_and_per_namespace(cluster: LocalCl
         wide = Release("wide", home, cluster.kubeconfig, cluster.api(), no_crd)
         narrow = Release("narrow", home, cluster.kubeconfig, cluster.api(),
                          {**no_crd, "watchNamespaces": [a]})  # fmt: skip
-        for rel in (wide, narrow):
-            rel.install(wait=False)
         try:
+            for rel in (wide, narrow):
+                rel.install(wait=False)
             for name, allowed_in, denied_in in (("wide-kubetune", [a, b], []),
                                                 ("narrow-kubetune", [a], [b, home])):  # fmt: skip
                 user = f"system:serviceaccount:{home}:{name}"
@@ -222,7 +259,7 @@ def test_rbac_is_least_privilege_cluster_wide_and_per_namespace(cluster: LocalCl
                 assert not wrong, f"{name}: wrong answers (verb, resource, namespace): {wrong}"
         finally:
             for rel in (wide, narrow):
-                rel.uninstall()
+                rel.uninstall(check=False)
 
 
 # -- high availability -------------------------------------------------------------------------
@@ -247,29 +284,35 @@ def test_two_replicas_one_active_and_a_hand_over_within_30s(
     """replicaCount 2: distinct priorities, one replica works; deleting it hands over to the
     other within 30 s, and no FineTuneJob gets a second Job."""
     with cluster.namespace("work") as work:
-        ops = release(cluster, ops_namespace, replicaCount=2, watchNamespaces=[work],
+        ops = release(cluster, ops_namespace, "ha", replicaCount=2, watchNamespaces=[work],
                       crds={"install": False})  # fmt: skip
-        ops.install()
-        ops.wait_ready(2)
-        wait_until("both replicas peered", lambda: len(peers(cluster_api, work, "kubetune")) == 2,
-                   60, interval=0.5)  # fmt: skip
-        priorities = peers(cluster_api, work, "kubetune")
-        assert len(set(priorities.values())) == 2, priorities
-        active = max(priorities, key=lambda pid: priorities[pid])
+        try:
+            ops.install()
+            hand_over(cluster_api, ops, work, tiny_model)
+        finally:
+            ops.uninstall(check=False)
 
-        create(cluster_api, work, quickstart(tiny_model, "first", {"spec": ON_KWOK}))
-        wait_phase(cluster_api, work, "first", "Succeeded", ops, 60)
-        client.CoreV1Api(cluster_api).delete_namespaced_pod(active, ops_namespace)
-        deleted = time.monotonic()
-        create(cluster_api, work, quickstart(tiny_model, "second", {"spec": ON_KWOK}))
-        wait_phase(cluster_api, work, "second", "Succeeded", ops, 30)
-        handed_over = time.monotonic() - deleted
-        assert handed_over < 30, handed_over
-        jobs = client.BatchV1Api(cluster_api).list_namespaced_job(work).items
-        owners = sorted(j.metadata.labels[ch.JOB_LABEL] for j in jobs)
-        assert owners == ["first", "second"], owners
-        standby = [p for p in ops.pods() if p.metadata.name != active]
-        logs = "".join(ops.logs(p) for p in standby)
-        assert "Pausing operations in favour of" in logs, logs[-3000:]
-        ops.assert_permitted()
-        ops.uninstall()
+
+def hand_over(api: client.ApiClient, ops: Release, work: str, tiny_model: Path) -> None:
+    ops.wait_ready(2)
+    peering = "ha-kubetune"
+    wait_until("both replicas peered", lambda: len(peers(api, work, peering)) == 2,
+               60, interval=0.5)  # fmt: skip
+    priorities = peers(api, work, peering)
+    assert len(set(priorities.values())) == 2, priorities
+    active = max(priorities, key=lambda pid: priorities[pid])
+
+    create(api, work, quickstart(tiny_model, "first", {"spec": ON_KWOK}))
+    wait_phase(api, work, "first", "Succeeded", ops, 60)
+    client.CoreV1Api(api).delete_namespaced_pod(active, ops.namespace)
+    deleted = time.monotonic()
+    wait_until("the active replica left the peering", lambda: active not in peers(api, work,
+               peering), 30, interval=0.5)  # fmt: skip
+    create(api, work, quickstart(tiny_model, "second", {"spec": ON_KWOK}))
+    wait_phase(api, work, "second", "Succeeded", ops, 30)
+    handed_over = time.monotonic() - deleted
+    assert handed_over < 30, handed_over
+    jobs = client.BatchV1Api(api).list_namespaced_job(work).items
+    owners = sorted(j.metadata.labels[ch.JOB_LABEL] for j in jobs)
+    assert owners == ["first", "second"], owners
+    ops.assert_permitted()

@@ -28,6 +28,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "no-crd-no-rbac": {"crds": {"install": False}, "rbac": {"create": False},
                        "serviceAccount": {"create": False, "name": "ops"}},
     "openshift": {"trainer": {"fsGroup": None, "podLabels": {"kueue.x-k8s.io/queue-name": "gpu"}}},
+    "standalone": {"peering": {"enabled": False}, "rbac": {"aggregateToDefaultRoles": False}},
 }  # fmt: skip
 
 
@@ -59,8 +60,13 @@ def test_the_operator_pod_is_restricted_and_runs_this_version() -> None:
     assert args[:2] == ["operator", "--all-namespaces"]
     assert f"--trainer-image=ghcr.io/kubetune/trainer:{__version__}" in args
     assert "--pod-fs-group=65532" in args
-    assert not any(a.startswith("--peering") for a in args)
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--peering=kubetune" in args  # peered by default, so scaling up needs no restart
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one replica
+    root = render({"trainer": {"fsGroup": 0}})
+    assert "--pod-fs-group=0" in find(root, "Deployment")[0]["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
+    [hook] = find(render(), "Pod")
+    assert hook["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
 
 
 def test_chart_version_is_kubetune_version() -> None:
@@ -68,25 +74,33 @@ def test_chart_version_is_kubetune_version() -> None:
     assert chart["version"] == chart["appVersion"] == __version__
 
 
+SCHEMA, TEMPLATE = "schema", "template"
+
+
 @pytest.mark.parametrize(
-    ("values", "named"),
+    ("values", "named", "by"),
     [
-        ({"replicas": 2}, "replicas"),  # a typo of replicaCount
-        ({"image": {"tagg": "x"}}, "tagg"),
-        ({"replicaCount": "two"}, "replicaCount"),
-        ({"operator": {"logFormat": "xml"}}, "logFormat"),
-        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
-        ({"trainer": {"metricsPort": 70000}}, "metricsPort"),
+        ({"replicas": 2}, "replicas", SCHEMA),  # a typo of replicaCount
+        ({"image": {"tagg": "x"}}, "tagg", SCHEMA),
+        ({"replicaCount": "two"}, "replicaCount", SCHEMA),
+        ({"operator": {"logFormat": "xml"}}, "logFormat", SCHEMA),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces", SCHEMA),
+        ({"trainer": {"metricsPort": 70000}}, "metricsPort", SCHEMA),
+        ({"replicaCount": 2, "peering": {"enabled": False}}, "replicaCount > 1 needs peering",
+         TEMPLATE),
+        ({"operator": {"healthPort": 8080}}, "operator.metricsPort and operator.healthPort",
+         TEMPLATE),
         ({"podDisruptionBudget": {"enabled": True}},
-         "podDisruptionBudget.enabled needs replicaCount >= 2"),
+         "podDisruptionBudget.enabled needs replicaCount >= 2", TEMPLATE),
         ({"replicaCount": 2, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
-         "podDisruptionBudget.minAvailable (2) must be below replicaCount (2)"),
+         "podDisruptionBudget.minAvailable (2) must be below replicaCount (2)", TEMPLATE),
     ],
 )  # fmt: skip
-def test_bad_values_are_refused_naming_the_value(values: dict[str, Any], named: str) -> None:
+def test_bad_values_are_refused_naming_the_value(
+    values: dict[str, Any], named: str, by: str
+) -> None:
     # `helm lint` reports a template's fail() as information only; the schema it enforces.
-    commands = ["template"] if "podDisruptionBudget" in values else ["template", "lint"]
-    for command in commands:
+    for command in ("template", "lint") if by == SCHEMA else ("template",):
         args = [command, *(["kubetune"] if command == "template" else []), str(CHART)]
         refused = helm(*args, *set_args(values), check=False)
         assert refused.returncode != 0, f"helm {command} accepted {values}"
@@ -105,12 +119,13 @@ def test_the_chart_installs_the_generated_crd() -> None:
     generated = render_crd()
     assert (CHART / "files" / "finetunejob.crd.yaml").read_text() == generated, "run make crd"
     assert (REPO / "crds" / "finetunejob.yaml").read_text() == generated, "run make crd"
-    [crd] = find(render(), "CustomResourceDefinition", "finetunejobs.kubetune.io")
+    crd_name = "finetunejobs.kubetune.io"
+    [crd] = find(render(), "CustomResourceDefinition", crd_name)
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert _strip(crd) == yaml.safe_load(generated)
-    kept_off = find(render({"crds": {"keep": False}}), "CustomResourceDefinition")
-    assert "annotations" not in kept_off[0]["metadata"]
-    assert not find(render({"crds": {"install": False}}), "CustomResourceDefinition")
+    [kept_off] = find(render({"crds": {"keep": False}}), "CustomResourceDefinition", crd_name)
+    assert "annotations" not in kept_off["metadata"]
+    assert not find(render({"crds": {"install": False}}), "CustomResourceDefinition", crd_name)
 
 
 def _rules(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -122,39 +137,52 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
     and no namespaced resource in the ClusterRole. Peering adds kopf's rules in scope."""
     assert (CHART / "files" / "rbac-rules.yaml").read_text() == rbac.render_rules(), "make crd"
     objects = render()
-    [cluster_role] = find(objects, "ClusterRole")
-    assert _rules(cluster_role) == rbac.cluster_role("x")["rules"]
+    [cluster_role] = find(objects, "ClusterRole", "kubetune")
+    assert _rules(cluster_role) == rbac.cluster_role("x", peering=True)["rules"]
     assert not find(objects, "Role")
 
     objects = render({"watchNamespaces": ["team-a", "team-b"]})
-    [cluster_role] = find(objects, "ClusterRole")
+    [cluster_role] = find(objects, "ClusterRole", "kubetune")
     assert _rules(cluster_role) == rbac.cluster_role("x", namespaced_mode=True)["rules"]
     roles = find(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert all(_rules(r) == rbac.role("x", "team-a")["rules"] for r in roles)
+    assert all(_rules(r) == rbac.role("x", "team-a", peering=True)["rules"] for r in roles)
     bindings = find(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
 
-    [cluster_role] = find(render({"replicaCount": 2}), "ClusterRole")
-    assert _rules(cluster_role) == rbac.cluster_role("x", peering=True)["rules"]
-    roles = find(render({"replicaCount": 2, "watchNamespaces": ["team-a"]}), "Role")
-    assert _rules(roles[0]) == rbac.role("x", "team-a", peering=True)["rules"]
+    standalone = {"peering": {"enabled": False}}
+    [cluster_role] = find(render(standalone), "ClusterRole", "kubetune")
+    assert _rules(cluster_role) == rbac.cluster_role("x")["rules"]
+    roles = find(render({**standalone, "watchNamespaces": ["team-a"]}), "Role")
+    assert _rules(roles[0]) == rbac.role("x", "team-a")["rules"]
+
+
+def test_finetunejobs_join_the_default_user_roles() -> None:
+    edit = find(render(), "ClusterRole", "kubetune-edit")[0]
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert "create" in edit["rules"][0]["verbs"]
+    view = find(render(), "ClusterRole", "kubetune-view")[0]
+    assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+    assert not find(render({"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole",
+                    "kubetune-view")  # fmt: skip
 
 
 def test_several_replicas_peer_in_the_scope_they_watch() -> None:
     objects = render({"replicaCount": 2})
     [deployment] = find(objects, "Deployment")
     assert "--peering=kubetune" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "strategy" not in deployment["spec"]  # a rolling update: peering keeps one active
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}  # peering: one works
     assert [o["metadata"]["name"] for o in find(objects, "ClusterKopfPeering")] == ["kubetune"]
     crds = {o["metadata"]["name"] for o in find(objects, "CustomResourceDefinition")}
-    assert {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= crds
+    assert {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= crds  # in crds/
 
     objects = render({"replicaCount": 2, "watchNamespaces": ["a", "b"]})
     peerings = find(objects, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["a", "b"]
     assert not find(objects, "ClusterKopfPeering")
-    assert not find(render(), "KopfPeering") and not find(render(), "ClusterKopfPeering")
+    standalone = render({"peering": {"enabled": False}})
+    assert not find(standalone, "KopfPeering") and not find(standalone, "ClusterKopfPeering")
 
 
 def test_the_values_table_is_current() -> None:

@@ -1,5 +1,6 @@
-"""What a real kubelet changes on the host, and how the test node gives it back: its iptables
-chains, its pod cgroups, the kernel settings it tunes, and the mounts it and containerd leave.
+"""What a real kubelet and kube-proxy change on the host, and how the test node gives it back:
+their iptables chains, the pod cgroups, the kernel settings the kubelet tunes, and the mounts
+it and containerd leave.
 Used by node.py at stop and by RealNode.leftovers() to check nothing is left.
 """
 
@@ -10,7 +11,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
 KUBELET_SYSCTLS = (
     "vm.overcommit_memory",
     "vm.panic_on_oom",
@@ -33,22 +33,36 @@ def write_sysctl(key: str, value: str) -> None:
         Path("/proc/sys", *key.split(".")).write_text(value)
 
 
-def remove_kubelet_iptables() -> None:
-    """The kubelet's own chains (and the rules that jump to them); no other KUBE-* chain, so a
-    host that also runs a real node keeps its kube-proxy's."""
+TABLES = ("filter", "nat", "mangle")
+
+
+def kube_chains(tool: str, table: str) -> list[str]:
+    """The KUBE-* chains in a table: the kubelet's (KUBE-FIREWALL, KUBE-KUBELET-CANARY, ...)
+    and kube-proxy's (KUBE-SERVICES, KUBE-SVC-*, ...). The real node is the only Kubernetes
+    node on a test host (one per host, by its lock), so all of them are its own."""
+    listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
+    return [line.split()[1] for line in listed.stdout.splitlines()
+            if line.startswith("-N KUBE-")]  # fmt: skip
+
+
+def remove_kube_iptables() -> None:
+    """Every KUBE-* chain and every rule that jumps to one, in IPv4 and IPv6 (what the kubelet
+    and kube-proxy in iptables mode made; nothing else of the host's)."""
     for tool in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle"):
+        for table in TABLES:
+            chains = kube_chains(tool, table)
+            if not chains:
+                continue
+            for chain in chains:  # first empty them, so none refers to another
+                subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
             listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
-            rules = listed.stdout.splitlines()
-            for rule in rules:
+            for rule in listed.stdout.splitlines():
                 words = shlex.split(rule)
-                if words[:1] == ["-A"] and set(words) & {*KUBELET_CHAINS}:
+                if words[:1] == ["-A"] and any(w.startswith("KUBE-") for w in words[2:]):
                     argv = [tool, "-t", table, "-D", *words[1:]]
                     subprocess.run(argv, capture_output=True, check=False)
-            for chain in KUBELET_CHAINS:
-                if f"-N {chain}" in rules:
-                    subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
-                    subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
+            for chain in chains:
+                subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
 
 
 def remove_cgroups(name: str) -> None:

@@ -6,22 +6,21 @@ makes reachable first of all is the `kubernetes` Service: a pod's in-cluster log
 (KUBERNETES_SERVICE_HOST, the ServiceAccount token) goes through it to the apiserver, which
 advertises the node's address for that reason (controlplane.py).
 
-Its chains are removed at stop with ``kube-proxy --cleanup`` (the tool's own tear-down), and
-``leftovers`` checks they are gone.
+Its chains are removed at stop with the kubelet's (hoststate.remove_kube_iptables; not
+``kube-proxy --cleanup``, which also flushes the host's IPVS and nftables), and
+``RealNode.leftovers`` checks they are gone.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from tests.cluster import pki
-from tests.cluster.controlplane import ControlPlane, bin_dir
+from tests.cluster.controlplane import NODE_IP, ControlPlane, bin_dir
 from tests.cluster.procs import LOOPBACK, ManagedProcess, free_port, wait_until
 
 KUBE_PROXY_SUBJECT = "/CN=system:kube-proxy"  # bound to system:node-proxier by bootstrap RBAC
-CANARY_CHAINS = ("KUBE-SERVICES", "KUBE-PROXY-CANARY")
 
 
 def write_config(control_plane: ControlPlane, work_dir: Path, node: str, pod_cidr: str) -> Path:
@@ -48,6 +47,8 @@ def write_config(control_plane: ControlPlane, work_dir: Path, node: str, pod_cid
         # on 127.0.0.1 is needed, and a test must not retune the machine's kernel.
         "conntrack": {"maxPerCore": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         "iptables": {"localhostNodePorts": False},
+        # NodePorts on the node's address only, not on every address of this host.
+        "nodePortAddresses": [f"{NODE_IP}/32"],
     }
     path = work_dir / "kube-proxy.json"
     path.write_text(json.dumps(config, indent=2))
@@ -72,19 +73,3 @@ def wait_serving(proc: ManagedProcess, config: Path, timeout: float) -> None:
 
 def argv(config: Path) -> list[str]:
     return [str(bin_dir() / "kube-proxy"), f"--config={config}", "--v=1"]
-
-
-def cleanup() -> None:
-    """kube-proxy's own tear-down of every rule and chain it may have made (all modes)."""
-    subprocess.run(
-        [str(bin_dir() / "kube-proxy"), "--cleanup", "--v=0"], capture_output=True, check=False
-    )
-
-
-def leftover_chains() -> list[str]:
-    found = []
-    for tool in ("iptables", "ip6tables"):
-        listed = subprocess.run([tool, "-t", "nat", "-S"], capture_output=True, text=True)
-        rules = listed.stdout.splitlines()
-        found += [f"{tool} -t nat chain {c}" for c in CANARY_CHAINS if f"-N {c}" in rules]
-    return found

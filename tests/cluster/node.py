@@ -38,11 +38,12 @@ from kubernetes.client.rest import ApiException
 from tests.cluster import kubeproxy, pki
 from tests.cluster.controlplane import NODE_IP, ControlPlane, bin_dir, read_versions
 from tests.cluster.hoststate import (
-    KUBELET_CHAINS,
     KUBELET_SYSCTLS,
+    TABLES,
+    kube_chains,
     read_sysctl,
     remove_cgroups,
-    remove_kubelet_iptables,
+    remove_kube_iptables,
     unmount_under,
     write_sysctl,
 )
@@ -249,6 +250,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             marker.write_text(image_id)
             log.info("imported %s in %.1fs", archive.name, time.monotonic() - started)
 
+    def tag_image(self, image: str, tag: str) -> None:
+        """Another name for an image the node holds (as a registry would serve a new tag)."""
+        self._ctr("images", "tag", "--force", image, tag)
+
+    def untag_image(self, tag: str) -> None:
+        self._ctr("images", "rm", tag, check=False)
+
     def _grant_apiserver_kubelet_access(self) -> None:
         rbac = client.RbacAuthorizationV1Api(self._api())
         binding = {
@@ -445,9 +453,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         unmount_under(self.work_dir)
         unmount_under(self.run_dir)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-        remove_kubelet_iptables()
-        if "kube-proxy" in by_name:
-            kubeproxy.cleanup()
+        remove_kube_iptables()
         remove_cgroups("kubepods")
         for key, value in self._sysctls.items():
             if value is not None:
@@ -525,12 +531,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                                    capture_output=True, text=True).stdout  # fmt: skip
         found += [f"address {NODE_IP}"] if f" {NODE_IP}/" in addresses else []
         for tool in ("iptables", "ip6tables"):
-            for table in ("filter", "nat", "mangle"):
-                listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
-                rules = listed.stdout.splitlines()
-                found += [f"{tool} -t {table} chain {c}" for c in KUBELET_CHAINS
-                          if f"-N {c}" in rules]  # fmt: skip
-        found += kubeproxy.leftover_chains()
+            for table in TABLES:
+                found += [f"{tool} -t {table} chain {c}" for c in kube_chains(tool, table)]
         with open("/proc/self/mountinfo") as f:
             mounts = [line.split()[4] for line in f]
         roots = (str(self.work_dir), str(self.run_dir))

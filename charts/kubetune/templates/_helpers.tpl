@@ -43,9 +43,22 @@ app.kubernetes.io/part-of: kubetune
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
 {{- end -}}
 
-{{/* "true" when the replicas peer through kopf: asked for, or needed by replicaCount > 1. */}}
+{{/* "true" when the replicas peer through kopf. */}}
 {{- define "kubetune.peering" -}}
-{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) -}}true{{- end -}}
+{{- if .Values.peering.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* Recreate (never two operators at once) unless the replicas peer: then a rolling update
+is safe, except from a live Deployment that did not peer yet (its pod would not see the new
+ones). A fresh install or `helm template` finds no live Deployment. */}}
+{{- define "kubetune.strategy" -}}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "kubetune.fullname" .) -}}
+{{- $livePeered := or (not $live) (contains "--peering=" (toJson $live)) -}}
+{{- if and (include "kubetune.peering" .) $livePeered (gt (int .Values.replicaCount) 1) -}}
+RollingUpdate
+{{- else -}}
+Recreate
+{{- end -}}
 {{- end -}}
 
 {{- define "kubetune.peeringName" -}}
@@ -59,7 +72,11 @@ app.kubernetes.io/part-of: kubetune
 
 {{/* Refuse combinations that cannot work, naming the values to change. */}}
 {{- define "kubetune.validate" -}}
-{{- if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.peering.enabled) -}}
+{{- fail "replicaCount > 1 needs peering.enabled: without peering every replica would work on the same FineTuneJobs" -}}
+{{- else if eq (int .Values.operator.metricsPort) (int .Values.operator.healthPort) -}}
+{{- fail (printf "operator.metricsPort and operator.healthPort must differ (both %d)" (int .Values.operator.metricsPort)) -}}
+{{- else if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
 {{- fail "podDisruptionBudget.enabled needs replicaCount >= 2: with one replica a PodDisruptionBudget blocks every node drain" -}}
 {{- else if and .Values.podDisruptionBudget.enabled (ge (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) -}}
 {{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below replicaCount (%d), or no voluntary disruption is ever allowed" (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) -}}
