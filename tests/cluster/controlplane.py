@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +320,24 @@ class ControlPlane:
             if reason:
                 return reason
         return None
+
+    def restart(self, name: str, kill: bool = False) -> float:
+        """Stop one component (SIGTERM, or SIGKILL with `kill`, as a crash) and start it again
+        with the same arguments, ports and data; returns the seconds until it served again."""
+        [proc] = [p for p in self.procs if p.name == name]
+        started = time.monotonic()
+        proc.stop(grace=0 if kill else 10)
+        proc.start()
+        healthy = {
+            "etcd": lambda: (
+                b'"health":"true"' in _http_get(f"http://{LOOPBACK}:{self.ports['etcd']}/health")
+            ),
+            "kube-apiserver": lambda: (
+                _http_get(f"{self.server}/readyz", self.ssl_context()) == b"ok"
+            ),
+        }[name]
+        wait_until(f"{name} serving again", healthy, self.start_timeout, alive=proc.exit_reason)
+        return time.monotonic() - started
 
     def kubectl(self, *args: str, input_text: str | None = None) -> str:
         out = subprocess.run(

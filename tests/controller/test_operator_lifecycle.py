@@ -195,3 +195,44 @@ def test_killed_pod_fails_the_attempt_and_the_next_resumes_from_the_checkpoint(
     log = (pod_dir / "logs" / f"{ch.CONTAINER}.log").read_text()
     assert "resuming from" in log and "checkpoint-" in log, log[-2000:]
     assert status["currentRun"]["progress"] == "60/60"
+
+
+def test_etcd_and_apiserver_restarts_mid_run_lose_nothing(
+    cluster: LocalCluster,
+    cluster_api: client.ApiClient,
+    cluster_namespace: str,
+    operator: Operator,
+    tiny_model: Path,
+) -> None:
+    """etcd killed and restarted, then the apiserver, while the trainer runs: the operator's
+    watches recover, status keeps following the run, and it finishes with its one Job."""
+    ns, name = cluster_namespace, "restarts"
+    changes = {"spec": {"training": {"maxSteps": 40, "saveSteps": 10},
+                        "evaluation": {"samplePrompts": []}}}  # fmt: skip
+    create(cluster_api, ns, quickstart(tiny_model, name, changes))
+    wait_phase(cluster_api, ns, name, "Running", operator, 120)
+
+    def step() -> int:
+        return int((ftj(cluster_api, ns, name)["status"].get("currentRun") or {}).get("step") or 0)
+
+    outages = {}
+    for component in ("etcd", "kube-apiserver"):
+        before = step()
+        outages[component] = cluster.control_plane.restart(component, kill=True)
+        # Status writes resume: a newer step (or the end) shows after the restart.
+        wait_until(
+            f"progress after the {component} restart",
+            lambda before=before: (
+                step() > before or ftj(cluster_api, ns, name)["status"].get("phase") == "Succeeded"
+            ),
+            120,
+            interval=0.5,
+            alive=operator.alive,
+        )
+    status = wait_phase(cluster_api, ns, name, "Succeeded", operator, 300)["status"]
+    base = ch.base_name(status["currentRun"]["id"])
+    assert labelled(cluster_api, ns, name) == {
+        "jobs": [f"{base}-1"], "services": [base], "configmaps": [base]
+    }  # fmt: skip
+    assert status["currentRun"]["attempt"] == 1 and status["currentRun"]["progress"] == "40/40"
+    assert all(seconds < 60 for seconds in outages.values()), outages
