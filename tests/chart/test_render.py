@@ -171,6 +171,10 @@ def test_finetunejobs_join_the_default_user_roles() -> None:
 def test_several_replicas_peer_in_the_scope_they_watch() -> None:
     objects = render({"replicaCount": 2})
     [deployment] = find(objects, "Deployment")
+    # What the next upgrade compares to choose between a rolling update and Recreate.
+    assert deployment["metadata"]["annotations"]["kubetune.io/peering-scope"] == "kubetune@*"
+    [scoped] = find(render({"replicaCount": 2, "watchNamespaces": ["a", "b"]}), "Deployment")
+    assert scoped["metadata"]["annotations"]["kubetune.io/peering-scope"] == "kubetune@a,b"
     assert "--peering=kubetune" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}  # peering: one works
     assert [o["metadata"]["name"] for o in find(objects, "ClusterKopfPeering")] == ["kubetune"]

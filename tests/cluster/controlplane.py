@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
@@ -326,7 +327,10 @@ class ControlPlane:
         with the same arguments, ports and data; returns the seconds until it served again."""
         [proc] = [p for p in self.procs if p.name == name]
         started = time.monotonic()
-        proc.stop(grace=0 if kill else 10)
+        if kill and proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.stop()
         proc.start()
         healthy = {
             "etcd": lambda: (

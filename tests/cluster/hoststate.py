@@ -41,8 +41,9 @@ def kube_chains(tool: str, table: str) -> list[str]:
     and kube-proxy's (KUBE-SERVICES, KUBE-SVC-*, ...). The real node is the only Kubernetes
     node on a test host (one per host, by its lock), so all of them are its own."""
     listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
+    # Not kube-router's (KUBE-ROUTER-*), should a developer's machine run one.
     return [line.split()[1] for line in listed.stdout.splitlines()
-            if line.startswith("-N KUBE-")]  # fmt: skip
+            if line.startswith("-N KUBE-") and not line.startswith("-N KUBE-ROUTER-")]  # fmt: skip
 
 
 def remove_kube_iptables() -> None:
@@ -58,7 +59,7 @@ def remove_kube_iptables() -> None:
             listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
             for rule in listed.stdout.splitlines():
                 words = shlex.split(rule)
-                if words[:1] == ["-A"] and any(w.startswith("KUBE-") for w in words[2:]):
+                if words[:1] == ["-A"] and set(words[2:]) & set(chains):
                     argv = [tool, "-t", table, "-D", *words[1:]]
                     subprocess.run(argv, capture_output=True, check=False)
             for chain in chains:

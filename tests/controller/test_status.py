@@ -479,6 +479,10 @@ def test_what_counts_as_a_disruption() -> None:
     crashed["status"]["conditions"][0]["lastTransitionTime"] = "2025-01-02T03:00:00Z"
     assert st.disruption(crashed, [disrupted_pod(1, at="2025-01-02T03:00:05Z")]) is None
     assert st.disruption(crashed, [disrupted_pod(1, at="2025-01-02T02:59:58Z")]) is not None
+    # Decided but not yet Failed (the Job controller waits for the pods to stop): the same.
+    deciding = batch_job(1, "FailureTarget", "BackoffLimitExceeded", parallelism=2)
+    deciding["status"]["conditions"][0]["lastTransitionTime"] = "2025-01-02T03:00:00Z"
+    assert st.disruption(deciding, [disrupted_pod(1, at="2025-01-02T03:00:05Z")]) is None
     # A trainer stopped by SIGTERM is no disruption by itself (peers of a crash are, too).
     preempted = pod("Failed", 1, message='{"phase": "Preempted"}')
     assert st.disruption(crashed, [preempted]) is None

@@ -48,13 +48,28 @@ app.kubernetes.io/part-of: kubetune
 {{- if .Values.peering.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/* Where the replicas meet: the peering name and the scope kopf peers in (a
+ClusterKopfPeering cluster-wide, a KopfPeering per watched namespace). Replicas that differ
+in it never see each other. */}}
+{{- define "kubetune.peeringScope" -}}
+{{- if include "kubetune.peering" . -}}
+{{- include "kubetune.peeringName" . }}@{{ join "," .Values.watchNamespaces | default "*" -}}
+{{- else -}}
+standalone
+{{- end -}}
+{{- end -}}
+
 {{/* Recreate (never two operators at once) unless the replicas peer: then a rolling update
-is safe, except from a live Deployment that did not peer yet (its pod would not see the new
-ones). A fresh install or `helm template` finds no live Deployment. */}}
+is safe, except from a live Deployment whose pods peer elsewhere or not at all (they would
+not see the new ones). A fresh install or `helm template` finds no live Deployment. */}}
 {{- define "kubetune.strategy" -}}
 {{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "kubetune.fullname" .) -}}
-{{- $livePeered := or (not $live) (contains "--peering=" (toJson $live)) -}}
-{{- if and (include "kubetune.peering" .) $livePeered (gt (int .Values.replicaCount) 1) -}}
+{{- $liveScope := "" -}}
+{{- if $live -}}
+{{- $liveScope = index ($live.metadata.annotations | default dict) "kubetune.io/peering-scope" | default "" -}}
+{{- end -}}
+{{- $samePeers := or (not $live) (eq $liveScope (include "kubetune.peeringScope" .)) -}}
+{{- if and (include "kubetune.peering" .) $samePeers (gt (int .Values.replicaCount) 1) -}}
 RollingUpdate
 {{- else -}}
 Recreate

@@ -142,20 +142,25 @@ def disruption(job: Obj | None, pods: list[Obj]) -> str | None:
         return str(annotations[DISRUPTED_ANNOTATION])
     if job_state(job) not in ("active", "failed"):
         return None
-    failed = conditions_of(job).get("Failed")
-    if failed is not None and _disruption_rule(failed):
-        return str(failed.get("message"))
+    # When the Job's end was decided: FailureTarget comes first (the Job controller then waits
+    # for every pod to stop before it writes Failed).
+    conditions = conditions_of(job)
+    ending = [c for kind in ("FailureTarget", "Failed")
+              if (c := conditions.get(kind)) and c.get("status") == "True"]  # fmt: skip
+    for condition in ending:
+        if _disruption_rule(condition):
+            return str(condition.get("message"))
+    decided = min((str(c.get("lastTransitionTime") or "") for c in ending), default=None)
     for pod in pods:
         target = conditions_of(pod).get("DisruptionTarget") or {}
         going = pod["metadata"].get("deletionTimestamp") or (
             (pod.get("status") or {}).get("phase") == "Failed"
         )
         # A condition on a pod that stays (an eviction a PodDisruptionBudget refused) is
-        # stale; one set after the Job had failed did not fail it.
+        # stale; one set after the Job's failure was decided (a crash) did not cause it.
         if target.get("status") != "True" or not going:
             continue
-        since = str(target.get("lastTransitionTime") or "")
-        if failed is not None and since > str(failed.get("lastTransitionTime") or ""):
+        if decided is not None and str(target.get("lastTransitionTime") or "") > decided:
             continue
         said = f": {target['message']}" if target.get("message") else ""
         return f"pod {pod['metadata'].get('name')}: {target.get('reason') or 'disrupted'}{said}"
