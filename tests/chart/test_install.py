@@ -224,8 +224,10 @@ CLUSTER_MUST_NOT = [
 
 def can_i(cluster: LocalCluster, user: str, verb: str, resource: str, ns: str | None) -> bool:
     where = ["-n", ns] if ns else []
+    resource, _, subresource = resource.partition("/")  # "x/status": a subresource, not a name
+    sub = [f"--subresource={subresource}"] if subresource else []
     argv = [cluster.control_plane.binary("kubectl"), f"--kubeconfig={cluster.kubeconfig}",
-            "auth", "can-i", verb, resource, f"--as={user}", *where]  # fmt: skip
+            "auth", "can-i", verb, resource, *sub, f"--as={user}", *where]  # fmt: skip
     answer = subprocess.run(argv, capture_output=True, text=True).stdout.strip()
     assert answer in ("yes", "no"), answer
     return answer == "yes"
