@@ -233,7 +233,9 @@ def can_i(cluster: LocalCluster, user: str, verb: str, resource: str, ns: str | 
     return answer == "yes"
 
 
-def test_rbac_is_least_privilege_cluster_wide_and_per_namespace(cluster: LocalCluster) -> None:
+def test_rbac_is_least_privilege_cluster_wide_and_per_namespace(
+    cluster: LocalCluster, ftj_crd_installed: str
+) -> None:
     """`kubectl auth can-i --as` the chart's ServiceAccount: what the operator needs, and
     nothing of a list of things it must never do; with watchNamespaces, only there."""
     with cluster.namespace("rbac") as home, cluster.namespace("a") as a, \

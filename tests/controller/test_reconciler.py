@@ -140,3 +140,21 @@ def test_a_disrupted_attempt_is_stopped_once_and_never_for_a_finished_run() -> N
     again = st.Observed(generation=1, run="qs", output_path="qs/qs", jobs=[deleting])
     assert reconciler._recreate_if_disrupted(again, [evicted], {}).disrupted is not None
     assert len(recorder.stopped) == 1  # already going: not deleted again
+
+
+def test_the_index_keeps_what_disruptions_are_read_from() -> None:
+    """A multi-node Job's parallelism and a going pod's deletionTimestamp survive the slim
+    copy the operator indexes (without them no disruption is ever seen)."""
+    from kubetune.controller.handlers import _slim
+
+    job = {"metadata": {"name": "j", "uid": "u", "deletionTimestamp": "t", "managedFields": []},
+           "spec": {"parallelism": 2, "suspend": False, "template": {"spec": {}}},
+           "status": {"conditions": []}}  # fmt: skip
+    slim = _slim(job)
+    assert slim["spec"] == {"parallelism": 2, "suspend": False}
+    assert slim["metadata"]["deletionTimestamp"] == "t" and "managedFields" not in slim["metadata"]
+    target = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    pod = {"metadata": {"name": "p", "deletionTimestamp": "t", "ownerReferences": [{"uid": "u"}]},
+           "spec": {"containers": []},
+           "status": {"phase": "Running", "conditions": [target]}}  # fmt: skip
+    assert st.disruption(slim, [_slim(pod)]) is not None

@@ -128,19 +128,21 @@ def expires_at(body: Mapping[str, Any], status: Obj) -> float | None:
 
 def _slim(body: Mapping[str, Any]) -> Obj:
     """What status needs of a Job or pod, for the index: names, uid, owners, labels,
-    annotations, the suspend flag, the containers' ports and the status. Whole bodies (pod
-    templates, managed fields) would cost hundreds of megabytes with a few hundred jobs."""
+    annotations, whether it is being deleted, the suspend flag and parallelism, the
+    containers' ports and the status. Whole bodies (pod templates, managed fields) would cost
+    hundreds of megabytes with a few hundred jobs."""
     meta = body["metadata"]
     spec = body.get("spec") or {}
-    keys = ("name", "namespace", "uid", "creationTimestamp", "labels", "annotations",
-            "ownerReferences")  # fmt: skip
+    keys = ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "labels",
+            "annotations", "ownerReferences")  # fmt: skip
     slim: Obj = {
         "metadata": {k: copy.deepcopy(meta[k]) for k in keys if k in meta},
         "spec": {},
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }
-    if "suspend" in spec:
-        slim["spec"]["suspend"] = spec["suspend"]
+    for key in ("suspend", "parallelism"):
+        if key in spec:
+            slim["spec"][key] = spec[key]
     if "containers" in spec:
         slim["spec"]["containers"] = [
             {"name": c.get("name"), "ports": copy.deepcopy(c.get("ports") or [])}
