@@ -36,3 +36,14 @@ def smollm2_tokenizer(smollm2_path: Path) -> Any:
     from kubetune.trainer.model_source import load_tokenizer
 
     return load_tokenizer(smollm2_path)
+
+
+OWN_REAL_NODE = "tests/cluster/test_teardown.py"
+"""Tests that start a cluster of their own, real node included (`python -m tests.cluster up`)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Those run first: one real node per host (node.py's lock), and the session's own starts
+    on first use and stays until the session ends (tests/chart, which sorts before
+    tests/cluster, uses it). The rest keep their order."""
+    items.sort(key=lambda item: not item.nodeid.startswith(OWN_REAL_NODE))
